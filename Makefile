@@ -1,0 +1,32 @@
+# `make test` builds everything from nothing: a virtual environment, the CPU build of torch that
+# lies on disk, triton and the package, then runs the three test invocations.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION := 2.13.0
+
+.PHONY: install test test-kernels test-rest clean
+
+$(VENV)/.installed: pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+# Kernel tests run the Triton code through Triton's interpreter on the CPU (compiled on CUDA when
+# a GPU is present); TRITON_INTERPRET must be set before triton is imported, hence their own run.
+test-kernels: install
+	TRITON_INTERPRET=1 HYBRID_LM_BACKEND=triton $(PY) -m pytest -q tests/kernels
+
+# Everything else uses the PyTorch reference on the CPU; then the API conformance checks.
+test-rest: install
+	$(PY) -m pytest -q tests --ignore=tests/kernels
+	if [ -d ../shared/conformance ]; then $(PY) -m pytest -q -p no:cacheprovider ../shared/conformance; fi
+
+test: test-kernels test-rest
+
+clean:
+	rm -rf $(VENV) *.egg-info

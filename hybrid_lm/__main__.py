@@ -1,0 +1,3 @@
+from hybrid_lm.cli import main
+
+raise SystemExit(main())

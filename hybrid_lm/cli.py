@@ -1,0 +1,35 @@
+"""The `hybrid-lm` command line: `hybrid-lm bench kernels`, and more subcommands as they land."""
+from __future__ import annotations
+
+import argparse
+import importlib
+from typing import Optional, Sequence
+
+import hybrid_lm
+
+# `hybrid-lm bench NAME` runs module hybrid_lm.bench.NAME, which provides add_arguments(parser)
+# and run(args) -> exit code.
+BENCHMARKS = {"kernels": "time every kernel against the PyTorch reference and installed baselines"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hybrid-lm", description=hybrid_lm.__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"hybrid-lm {hybrid_lm.__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    bench = commands.add_parser("bench", help="run a benchmark (prints a table, writes JSON and a PNG)")
+    benches = bench.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
+    for name, help_text in BENCHMARKS.items():
+        module = importlib.import_module(f"hybrid_lm.bench.{name}")
+        sub = benches.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(sub)
+        sub.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    return args.run(args)

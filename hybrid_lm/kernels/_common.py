@@ -1,0 +1,96 @@
+"""Shared plumbing for the kernels: backend dispatch and argument validation.
+
+Every public op validates its arguments with `check` before anything reaches a kernel, so a
+bad call fails with a ValueError that names the argument, the expected and the received
+shape/dtype/device. Decode ops check metadata only (never tensor contents): no host syncs.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """True when `x` should run the Triton kernels rather than the PyTorch reference.
+
+    CUDA tensors take Triton; CPU tensors take the reference unless HYBRID_LM_BACKEND=triton
+    (which needs TRITON_INTERPRET=1 set before triton is imported). HYBRID_LM_BACKEND=reference
+    forces the reference everywhere, which the benchmarks use for side-by-side timings.
+    float64 always runs the reference: the kernels compute in fp32.
+    """
+    if x.dtype == torch.float64:
+        return False
+    backend = os.environ.get("HYBRID_LM_BACKEND", "auto")
+    if backend not in ("auto", "triton", "reference"):
+        raise ValueError(f"HYBRID_LM_BACKEND: expected 'auto', 'triton' or 'reference', got {backend!r}")
+    if backend == "reference":
+        return False
+    return backend == "triton" or x.is_cuda
+
+
+def _fmt(spec: Sequence, dims: dict) -> str:
+    return "[" + ", ".join(f"{s}={dims[s]}" if isinstance(s, str) and s in dims else str(s) for s in spec) + "]"
+
+
+def check(name: str, t, spec: Optional[Sequence] = None, dims: Optional[dict] = None,
+          dtypes: Optional[Iterable[torch.dtype]] = None, device: Optional[torch.device] = None,
+          optional: bool = False) -> None:
+    """Validate one tensor argument.
+
+    spec: the expected shape, each entry an int or a dim name; a name is bound in `dims` on
+    first sight and must match afterwards, so shapes are checked against each other.
+    """
+    if t is None:
+        if optional:
+            return
+        raise ValueError(f"{name}: expected a tensor, got None")
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    dims = {} if dims is None else dims
+    if spec is not None:
+        ok = t.dim() == len(spec)
+        if ok:
+            for s, n in zip(spec, t.shape):
+                want = dims.get(s) if isinstance(s, str) else s
+                if want is not None and want != n:
+                    ok = False
+                    break
+        if not ok:
+            raise ValueError(f"{name}: expected shape {_fmt(spec, dims)}, got {list(t.shape)}")
+        for s, n in zip(spec, t.shape):
+            if isinstance(s, str):
+                dims.setdefault(s, n)
+    if dtypes is not None:
+        dtypes = tuple(dtypes)
+        if t.dtype not in dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+            raise ValueError(f"{name}: expected dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name}: expected device {device}, got {t.device}")
+
+
+def check_cu_seqlens(cu_seqlens, batch: int, device: torch.device) -> None:
+    """cu_seqlens: int32 [N+1] on the inputs' device, used with batch size 1."""
+    check("cu_seqlens", cu_seqlens, ("N+1",), {}, (torch.int32,), device)
+    if cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens: expected shape [N+1] with N >= 1, got {list(cu_seqlens.shape)}")
+    if batch != 1:
+        raise ValueError(f"cu_seqlens: packed batches need batch size 1, got batch size {batch}")
+
+
+def check_activation(activation) -> None:
+    if activation not in (None, "silu"):
+        raise ValueError(f"activation: expected None or 'silu', got {activation!r}")
+
+
+def new_output(shape, dtype, device) -> torch.Tensor:
+    """Allocate a kernel output. With HYBRID_LM_POISON=1 (the tests set it) the buffer is filled
+    with NaN first, so an element a kernel forgets to write shows up instead of passing by luck."""
+    if os.environ.get("HYBRID_LM_POISON") == "1":
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
