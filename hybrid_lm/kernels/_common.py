@@ -6,6 +6,7 @@ shape/dtype/device. Decode ops check metadata only (never tensor contents): no h
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Iterable, Optional, Sequence
 
@@ -31,6 +32,12 @@ def use_triton(x: torch.Tensor) -> bool:
     if backend == "reference":
         return False
     return backend == "triton" or x.is_cuda
+
+
+def device_guard(x: torch.Tensor):
+    """Make x's GPU the current one for a launch (Triton launches on the current device, so a
+    tensor on cuda:1 while cuda:0 is current would be read from the wrong device)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 def _fmt(spec: Sequence, dims: dict) -> str:

@@ -55,17 +55,20 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, acti
     width = weight.shape[1]
     acc = _acc(x)
     if initial_state is None:
-        initial_state = x.new_zeros(batch, dim, width - 1)
+        initial_state = x.new_zeros(batch, dim, width - 1, dtype=acc)
     # [B, D, W-1+T]: the W-1 inputs before t=0, then the sequence
     xp = torch.cat([initial_state.to(acc), x.to(acc).transpose(1, 2)], dim=2)
-    y = F.conv1d(xp, weight.to(acc).unsqueeze(1), None if bias is None else bias.to(acc), groups=dim)
+    if T == 0:  # an empty sequence in a packed batch: no outputs, the state passes through
+        y = xp.new_zeros(batch, dim, 0)
+    else:
+        y = F.conv1d(xp, weight.to(acc).unsqueeze(1), None if bias is None else bias.to(acc), groups=dim)
     if activation == "silu":
         y = F.silu(y)
     y = y.transpose(1, 2).to(x.dtype)
     if not output_final_state:
         return y
     final = xp[:, :, xp.shape[2] - (width - 1):]
-    return y, final.to(initial_state.dtype)
+    return y, final  # fp32 (fp64 for fp64 inputs), like every recurrent state
 
 
 def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
@@ -120,6 +123,8 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     if delta_softplus:
         dt = F.softplus(dt)
     h0 = u.new_zeros(batch, dim, N, dtype=acc) if initial_state is None else initial_state.to(acc)
+    if T == 0:  # an empty sequence in a packed batch: no outputs, the state passes through
+        return (u.new_zeros(batch, 0, dim), h0) if output_final_state else u.new_zeros(batch, 0, dim)
 
     L = max(1, math.isqrt(T))
     nc = -(-T // L)
