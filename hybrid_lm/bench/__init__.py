@@ -1,0 +1,1 @@
+"""Benchmarks behind `hybrid-lm bench`: one module per benchmark (kernels, ...)."""
