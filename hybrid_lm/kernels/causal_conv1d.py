@@ -42,7 +42,8 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._common import FLOAT_DTYPES, INDEX_DTYPES, check, check_activation, check_cu_seqlens, new_output, use_triton
+from ._common import (FLOAT_DTYPES, INDEX_DTYPES, check, check_activation, check_cu_seqlens, device_guard,
+                      new_output, use_triton)
 
 MIN_WIDTH, MAX_WIDTH = 2, 8
 BLOCK_T = 64
@@ -476,7 +477,8 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         raise ValueError(f"output_final_state: expected a bool, got {type(output_final_state).__name__}")
     if not use_triton(x):
         return reference.causal_conv1d(x, weight, bias, activation, initial_state, output_final_state, cu_seqlens)
-    y, final_state = _causal_conv1d_fwd(x, weight, bias, initial_state, cu_seqlens, activation == "silu")
+    with device_guard(x):
+        y, final_state = _causal_conv1d_fwd(x, weight, bias, initial_state, cu_seqlens, activation == "silu")
     return (y, final_state) if output_final_state else y
 
 
@@ -504,4 +506,5 @@ def causal_conv1d_update(x: torch.Tensor, conv_state: torch.Tensor, weight: torc
                          f"got shape {list(conv_state.shape)}")
     if not use_triton(x):
         return reference.causal_conv1d_update(x, conv_state, weight, bias, activation, state_indices)
-    return _causal_conv1d_update(x, conv_state, weight, bias, state_indices, activation == "silu")
+    with device_guard(x):
+        return _causal_conv1d_update(x, conv_state, weight, bias, state_indices, activation == "silu")

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._common import FLOAT_DTYPES, check, new_output, use_triton
+from ._common import FLOAT_DTYPES, check, device_guard, new_output, use_triton
 
 BLOCK = 1024
 
@@ -92,4 +92,5 @@ def gmu(gate: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
     check("memory", memory, tuple(gate.shape), dtypes=(gate.dtype,), device=gate.device)
     if not use_triton(memory):
         return reference.gmu(gate, memory)
-    return _gmu_fwd(gate, memory)
+    with device_guard(memory):
+        return _gmu_fwd(gate, memory)

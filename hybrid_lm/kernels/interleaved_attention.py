@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._common import FLOAT_DTYPES, INDEX_DTYPES, check, new_output, use_triton
+from ._common import FLOAT_DTYPES, INDEX_DTYPES, check, device_guard, new_output, use_triton
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
 MAX_HEAD_DIM = 256
@@ -338,4 +338,5 @@ def interleaved_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_p
     scale = dims["Dh"] ** -0.5 if scale is None else float(scale)
     if not use_triton(q):
         return reference.interleaved_attention(q, k, v, q_pos, window, scale)
-    return _attention_fwd(q, k, v, q_pos, window, scale)[0]
+    with device_guard(q):
+        return _attention_fwd(q, k, v, q_pos, window, scale)[0]

@@ -66,8 +66,10 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._common import FLOAT_DTYPES, INDEX_DTYPES, check, check_cu_seqlens, new_output, use_triton
+from ._common import (FLOAT_DTYPES, INDEX_DTYPES, check, check_cu_seqlens, device_guard, new_output,
+                      use_triton)
 
+STATE_DTYPES = (torch.float32, torch.float64)  # A and recurrent states are fp32 (DESIGN.md)
 CHUNK = 64  # tokens per chunk: backward keeps one fp32 [Dm, N] state per chunk
 BLOCK_D = 64  # at most this many channels per program
 TILE = 2048  # at most this many state elements [BD, BN] per program
@@ -550,11 +552,6 @@ def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_indices):
 # public functions
 # ---------------------------------------------------------------------------------------------
 
-def _state_dtypes(x: torch.Tensor) -> tuple[torch.dtype, ...]:
-    """A and the recurrent states are fp32 (float64 also accepted with float64 inputs)."""
-    return (torch.float32, torch.float64) if x.dtype == torch.float64 else (torch.float32,)
-
-
 def _check_flag(name: str, value) -> None:
     if not isinstance(value, bool):
         raise ValueError(f"{name}: expected a bool, got {type(value).__name__}")
@@ -577,24 +574,25 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
     """
     dims: dict = {}
     check("u", u, ("batch", "T", "Dm"), dims, FLOAT_DTYPES)
-    check("delta", delta, ("batch", "T", "Dm"), dims, (u.dtype,), u.device)
-    check("A", A, ("Dm", "N"), dims, _state_dtypes(u), u.device)
-    check("B", B, ("batch", "T", "N"), dims, (u.dtype,), u.device)
-    check("C", C, ("batch", "T", "N"), dims, (u.dtype,), u.device)
-    check("D", D, ("Dm",), dims, (u.dtype, torch.float32), u.device, optional=True)
-    check("z", z, ("batch", "T", "Dm"), dims, (u.dtype,), u.device, optional=True)
-    check("delta_bias", delta_bias, ("Dm",), dims, (u.dtype, torch.float32), u.device, optional=True)
+    check("delta", delta, ("batch", "T", "Dm"), dims, FLOAT_DTYPES, u.device)
+    check("A", A, ("Dm", "N"), dims, STATE_DTYPES, u.device)
+    check("B", B, ("batch", "T", "N"), dims, FLOAT_DTYPES, u.device)
+    check("C", C, ("batch", "T", "N"), dims, FLOAT_DTYPES, u.device)
+    check("D", D, ("Dm",), dims, FLOAT_DTYPES, u.device, optional=True)
+    check("z", z, ("batch", "T", "Dm"), dims, FLOAT_DTYPES, u.device, optional=True)
+    check("delta_bias", delta_bias, ("Dm",), dims, FLOAT_DTYPES, u.device, optional=True)
     _check_flag("delta_softplus", delta_softplus)
     _check_flag("output_final_state", output_final_state)
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, u.shape[0], u.device)
     dims["S"] = _num_seqs(u, cu_seqlens)
-    check("initial_state", initial_state, ("S", "Dm", "N"), dims, _state_dtypes(u), u.device, optional=True)
+    check("initial_state", initial_state, ("S", "Dm", "N"), dims, STATE_DTYPES, u.device, optional=True)
     if not use_triton(u):
         return reference.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
                                         output_final_state, cu_seqlens)
-    y, final_state, _ = _selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
-                                            cu_seqlens)
+    with device_guard(u):
+        y, final_state, _ = _selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                                initial_state, cu_seqlens)
     return (y, final_state) if output_final_state else y
 
 
@@ -613,13 +611,13 @@ def selective_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tenso
     dims: dict = {}
     check("state", state, ("S", "Dm", "N"), dims, FLOAT_DTYPES)
     check("x", x, ("batch", "Dm"), dims, FLOAT_DTYPES, state.device)
-    check("dt", dt, ("batch", "Dm"), dims, (x.dtype,), state.device)
-    check("A", A, ("Dm", "N"), dims, _state_dtypes(x), state.device)
-    check("B", B, ("batch", "N"), dims, (x.dtype,), state.device)
-    check("C", C, ("batch", "N"), dims, (x.dtype,), state.device)
-    check("D", D, ("Dm",), dims, (x.dtype, torch.float32), state.device, optional=True)
-    check("z", z, ("batch", "Dm"), dims, (x.dtype,), state.device, optional=True)
-    check("dt_bias", dt_bias, ("Dm",), dims, (x.dtype, torch.float32), state.device, optional=True)
+    check("dt", dt, ("batch", "Dm"), dims, FLOAT_DTYPES, state.device)
+    check("A", A, ("Dm", "N"), dims, STATE_DTYPES, state.device)
+    check("B", B, ("batch", "N"), dims, FLOAT_DTYPES, state.device)
+    check("C", C, ("batch", "N"), dims, FLOAT_DTYPES, state.device)
+    check("D", D, ("Dm",), dims, FLOAT_DTYPES, state.device, optional=True)
+    check("z", z, ("batch", "Dm"), dims, FLOAT_DTYPES, state.device, optional=True)
+    check("dt_bias", dt_bias, ("Dm",), dims, FLOAT_DTYPES, state.device, optional=True)
     _check_flag("dt_softplus", dt_softplus)
     check("state_indices", state_indices, ("batch",), dims, INDEX_DTYPES, state.device, optional=True)
     if state_indices is None and state.shape[0] < x.shape[0]:
@@ -627,4 +625,5 @@ def selective_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tenso
                          f"got shape {list(state.shape)}")
     if not use_triton(x):
         return reference.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_indices)
-    return _selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_indices)
+    with device_guard(x):
+        return _selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_indices)

@@ -37,3 +37,9 @@ def test_gmu_rejects_bad_input():
         gmu(g, torch.randn(2, 3, dtype=torch.float64))
     with pytest.raises(ValueError, match="gate: expected a torch.Tensor"):
         gmu([1.0], g)
+
+
+def test_custom_ops_pass_opcheck():
+    g, m = torch.randn(3, 5, requires_grad=True), torch.randn(3, 5, requires_grad=True)
+    torch.library.opcheck(torch.ops.hybrid_lm.gmu_fwd.default, (g, m))
+    torch.library.opcheck(torch.ops.hybrid_lm.gmu_bwd.default, (g.detach(), m.detach(), torch.randn(3, 5)))

@@ -359,12 +359,12 @@ def test_selective_scan_rejects_bad_input():
     u, delta, A, B, C = (x[n] for n in NAMES[:5])
     with pytest.raises(ValueError, match=r"delta: expected shape \[batch=2, T=5, Dm=4\], got \[2, 5, 3\]"):
         selective_scan(u, delta[..., :3], A, B, C)
-    with pytest.raises(ValueError, match="A: expected dtype in \\(float32\\), got bfloat16"):
+    with pytest.raises(ValueError, match="A: expected dtype in \\(float32, float64\\), got bfloat16"):
         selective_scan(u, delta, A.bfloat16(), B, C)
     with pytest.raises(ValueError, match="B: expected shape"):
         selective_scan(u, delta, A, B[..., :2], C)
     with pytest.raises(ValueError, match="C: expected dtype"):
-        selective_scan(u, delta, A, B, C.half())
+        selective_scan(u, delta, A, B, C.long())
     with pytest.raises(ValueError, match="D: expected shape"):
         selective_scan(u, delta, A, B, C, D=torch.ones(5))
     with pytest.raises(ValueError, match="z: expected shape"):
@@ -390,7 +390,7 @@ def test_selective_state_update_rejects_bad_input():
     with pytest.raises(ValueError, match=r"x: expected shape \[batch, Dm=6\], got \[2, 5\]"):
         selective_state_update(state, x[:, :5], dt, A, B, C)
     with pytest.raises(ValueError, match="dt: expected dtype"):
-        selective_state_update(state, x, dt.double(), A, B, C)
+        selective_state_update(state, x, dt.int(), A, B, C)
     with pytest.raises(ValueError, match="A: expected shape"):
         selective_state_update(state, x, dt, A.T, B, C)
     with pytest.raises(ValueError, match="B: expected shape"):
