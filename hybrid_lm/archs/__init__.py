@@ -1,0 +1,28 @@
+"""Model families on hybrid_lm.kernels, registered with transformers' Auto classes on import."""
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from .cache import HybridCache
+from .config import ARCHS, PRESETS, HybridConfig, config
+from .model import HybridPreTrainedModel
+from .samba import SambaForCausalLM, SambaYForCausalLM
+from .transformer import TransformerForCausalLM
+
+MODEL_CLASSES: dict[type, type] = {
+    cls.config_class: cls for cls in (TransformerForCausalLM, SambaForCausalLM, SambaYForCausalLM)
+}
+
+for _config_cls, _model_cls in MODEL_CLASSES.items():
+    AutoConfig.register(_config_cls.model_type, _config_cls, exist_ok=True)
+    AutoModelForCausalLM.register(_config_cls, _model_cls, exist_ok=True)
+
+
+def build(config: HybridConfig) -> HybridPreTrainedModel:
+    """The causal LM for `config` (from hybrid_lm.config), freshly initialised."""
+    cls = MODEL_CLASSES.get(type(config))
+    if cls is None:
+        raise ValueError(f"config: expected a config from hybrid_lm.config(...), got {type(config).__name__}")
+    config.validate_arch()
+    return cls(config)
+
+
+__all__ = ["ARCHS", "PRESETS", "HybridCache", "HybridConfig", "HybridPreTrainedModel", "build", "config"]

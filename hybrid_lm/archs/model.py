@@ -1,0 +1,193 @@
+"""What every architecture shares: the decoder layer, the causal-LM wrapper with its loss,
+cache handling and `generate` plumbing, and weight initialisation.
+
+A family (transformer.py, samba.py, lrt.py) lists its layers' mixers and, where needed,
+overrides `run_layers` (SambaY's memory and last-token prefill, LRT's interleaved passes).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .cache import HybridCache
+from .config import HybridConfig
+from .layers import MLP, Attention, DifferentialCore, Mamba, Step, norm
+
+Tensor = torch.Tensor
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm mixer + residual, then pre-norm SwiGLU MLP + residual."""
+
+    def __init__(self, config: HybridConfig, mixer: nn.Module):
+        super().__init__()
+        self.input_layernorm = norm(config, config.hidden_size)
+        self.attn = mixer
+        self.post_attention_layernorm = norm(config, config.hidden_size)
+        self.mlp = MLP(config)
+
+    def _norm(self, layer: nn.Module, h: Tensor) -> Tensor:
+        # the residual may be fp32 (phi4-mini-flash); each norm reads it in its own dtype
+        return layer(h.to(layer.weight.dtype))
+
+    def forward(self, h: Tensor, step: Step, **mixer_kwargs):
+        out = self.attn(self._norm(self.input_layernorm, h), step, **mixer_kwargs)
+        extra = None
+        if isinstance(out, tuple):
+            out, extra = out
+        h = h[:, h.shape[1] - out.shape[1]:] + out  # a mixer may answer for the last token only
+        h = h + self.mlp(self._norm(self.post_attention_layernorm, h))
+        return h if extra is None else (h, extra)
+
+
+class HybridPreTrainedModel(PreTrainedModel, GenerationMixin):
+    """Causal LM: `model` (embed_tokens, layers, final_layernorm) and `lm_head`."""
+
+    config_class = HybridConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["DecoderLayer"]
+    _supports_sdpa = True
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}  # tied only if the config says so
+
+    def __init__(self, config: HybridConfig):
+        super().__init__(config)
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.model.layers = nn.ModuleList(DecoderLayer(config, m) for m in self.build_mixers(config))
+        self.model.final_layernorm = norm(config, config.hidden_size)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    # -- what a family provides: build_mixers(config) -> one mixer per layer; and may override these
+
+    def cache_kinds(self) -> list[Optional[str]]:
+        """Per layer: "kv" (attention with its own K,V), "mamba", or None (keeps nothing)."""
+        kinds = []
+        for layer in self.model.layers:
+            mixer = layer.attn
+            kinds.append("mamba" if isinstance(mixer, Mamba) else
+                         "kv" if isinstance(mixer, Attention) and not mixer.cross else None)
+        return kinds
+
+    def run_layers(self, h: Tensor, step: Step) -> Tensor:
+        for layer in self.model.layers:
+            h = layer(h, step)
+        return h
+
+    # -- shared ----------------------------------------------------------------------------------
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def new_cache(self, batch: int) -> HybridCache:
+        c = self.config
+        return HybridCache(self.cache_kinds(), batch, c.mamba_d_inner, c.mamba_d_conv, c.mamba_d_state,
+                           self.model.embed_tokens.weight.device)
+
+    def make_step(self, input_ids: Tensor, attention_mask: Optional[Tensor], cache: Optional[HybridCache]) -> Step:
+        """Slots, validity and position ids of the new tokens; records validity in the cache."""
+        B, T = input_ids.shape
+        seen = 0 if cache is None else cache.seen
+        dev = input_ids.device
+        slots = torch.arange(seen, seen + T, device=dev)
+        prev = None if cache is None else cache.valid
+        if attention_mask is not None:
+            valid = attention_mask.to(device=dev, dtype=torch.bool)
+            if valid.shape[1] == T and seen:  # a mask for the new tokens only
+                before = prev if prev is not None else torch.ones(B, seen, dtype=torch.bool, device=dev)
+                valid = torch.cat([before, valid], dim=1)
+            if valid.shape != (B, seen + T):
+                raise ValueError(f"attention_mask: expected shape [B={B}, {seen + T}] (cached + new tokens) "
+                                 f"or [B={B}, T={T}], got {list(attention_mask.shape)}")
+        else:
+            valid = None if prev is None else torch.cat([prev, torch.ones(B, T, dtype=torch.bool, device=dev)], 1)
+        if valid is None:
+            positions = slots[None].expand(B, T)
+        else:
+            positions = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, seen:]
+        if cache is not None:
+            cache.valid = valid
+        return Step(slots=slots, valid=valid, positions=positions, cache=cache)
+
+    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, labels: Optional[Tensor] = None,
+                past_key_values: Optional[HybridCache] = None, use_cache: Optional[bool] = None,
+                logits_to_keep: int = 0, **kwargs) -> CausalLMOutputWithPast:
+        """Logits for every position (the last `logits_to_keep` if given) and, with labels, the
+        next-token loss (labels are shifted inside; -100 is ignored). With a cache (or
+        use_cache=True) the new tokens continue the cached sequence."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids: expected shape [B, T], got {list(input_ids.shape)}")
+        if past_key_values is None and use_cache:
+            past_key_values = self.new_cache(input_ids.shape[0])
+        step = self.make_step(input_ids, attention_mask, past_key_values)
+        h = self.model.embed_tokens(input_ids)
+        if self.config.residual_in_fp32:
+            h = h.float()
+        h = self.run_layers(h, step)
+        if past_key_values is not None:
+            past_key_values.seen += input_ids.shape[1]
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        h = self.model.final_layernorm(h.to(self.model.final_layernorm.weight.dtype))
+        logits = self.lm_head(h)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+
+    # -- generate plumbing -------------------------------------------------------------------------
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # we bring our own cache (prepare_inputs_for_generation makes it)
+
+    def prepare_inputs_for_generation(self, input_ids: Tensor, past_key_values: Optional[HybridCache] = None,
+                                      attention_mask: Optional[Tensor] = None, use_cache: bool = True, **kwargs):
+        if past_key_values is None and use_cache:
+            past_key_values = self.new_cache(input_ids.shape[0])
+        seen = 0 if past_key_values is None else past_key_values.seen
+        inputs = {"input_ids": input_ids[:, seen:], "attention_mask": attention_mask,
+                  "past_key_values": past_key_values, "use_cache": use_cache}
+        if "logits_to_keep" in kwargs:
+            inputs["logits_to_keep"] = kwargs["logits_to_keep"]
+        return inputs
+
+    # -- initialisation ----------------------------------------------------------------------------
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+            init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv1d):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        if isinstance(module, Mamba):
+            # S4D-real A = -(1..N); dt in [1e-3, 1e-1] log-uniform through the softplus in the scan
+            n = torch.arange(1, module.d_state + 1, dtype=torch.float32)
+            init.copy_(module.A_log, torch.log(n).expand(module.d_inner, -1))
+            init.ones_(module.D)
+            dt = torch.exp(torch.rand(module.d_inner) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+            init.copy_(module.dt_proj.bias, dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        elif isinstance(module, DifferentialCore):
+            for p in (module.lambda_q1, module.lambda_k1, module.lambda_q2, module.lambda_k2):
+                init.normal_(p, mean=0.0, std=0.1)
+            init.ones_(module.subln.weight)

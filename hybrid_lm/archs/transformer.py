@@ -1,0 +1,16 @@
+"""Transformer: the nanochat-style baseline (RoPE, QK-norm, GQA, SwiGLU, untied embeddings)."""
+from __future__ import annotations
+
+from torch import nn
+from transformers import GenerationMixin
+
+from .config import TransformerConfig
+from .layers import Attention
+from .model import HybridPreTrainedModel
+
+
+class TransformerForCausalLM(HybridPreTrainedModel, GenerationMixin):
+    config_class = TransformerConfig
+
+    def build_mixers(self, config: TransformerConfig) -> list[nn.Module]:
+        return [Attention(config, i, window=config.sliding_window) for i in range(config.num_hidden_layers)]
