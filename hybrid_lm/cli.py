@@ -9,7 +9,10 @@ import hybrid_lm
 
 # `hybrid-lm bench NAME` runs module hybrid_lm.bench.NAME, which provides add_arguments(parser)
 # and run(args) -> exit code.
-BENCHMARKS = {"kernels": "time every kernel against the PyTorch reference and installed baselines"}
+BENCHMARKS = {
+    "kernels": "time every kernel against the PyTorch reference and installed baselines",
+    "decode": "tokens per second and cache bytes versus generation length, per architecture",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,6 +21,11 @@ from torch import nn
 
 from hybrid_lm import kernels as K
 
+try:  # optional fast path on GPUs
+    from flash_attn import flash_attn_func
+except ImportError:
+    flash_attn_func = None
+
 from .cache import HybridCache, MambaState
 from .config import HybridConfig
 
@@ -104,6 +109,13 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: Optio
     return o.transpose(1, 2)
 
 
+def use_flash(q: Tensor, v: Tensor, valid: Optional[Tensor]) -> bool:
+    """flash-attn serves half-precision CUDA attention without padding (its causal mask is
+    aligned bottom-right: our queries are always the last slots of their keys)."""
+    return (flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+            and valid is None and q.shape[-1] == v.shape[-1])
+
+
 class DifferentialCore(nn.Module):
     """Differential attention's combination (named `inner_cross_attn` as in the release).
 
@@ -164,13 +176,18 @@ class Attention(nn.Module):
             t = rope(t, positions, self.rope_theta)
         return t
 
-    def core(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:
-        """Attention of q over k, v, differential or plain; returns [B, Tq, H * Dh]."""
+    def core(self, q: Tensor, k: Tensor, v: Tensor, q_slots: Tensor, k_slots: Tensor, valid: Optional[Tensor],
+             window: Optional[int]) -> Tensor:
+        """Attention of the queries at q_slots over the keys at k_slots (causal, window, padding);
+        differential or plain; returns [B, Tq, H * Dh]."""
         if hasattr(self, "inner_cross_attn"):
-            o = self.inner_cross_attn(q, k, v, mask)
-        else:
-            o = attend(q, k, v, mask)
-        return o.flatten(2)
+            return self.inner_cross_attn(q, k, v, attention_mask(q_slots, k_slots, valid, window)).flatten(2)
+        if use_flash(q, v, valid):
+            return flash_attn_func(q, k, v, causal=True, window_size=(-1, 0) if window is None else (window - 1, 0)
+                                   ).flatten(2)
+        plain_causal = valid is None and window is None and q.shape[1] == k.shape[1]
+        mask = None if plain_causal else attention_mask(q_slots, k_slots, valid, window)
+        return attend(q, k, v, mask).flatten(2)
 
     def forward(self, x: Tensor, step: Step) -> Tensor:
         if self.cross:
@@ -185,16 +202,13 @@ class Attention(nn.Module):
         if step.last_only:  # SambaY's shared layer in prefill: K,V for all tokens, output for the last
             q_slots, xq, positions = step.slots[-1:], x[:, -1:], step.positions[:, -1:]
         q = self._q(xq, positions)
-        plain_causal = step.valid is None and self.window is None and q.shape[1] == k.shape[1]
-        mask = None if plain_causal else attention_mask(q_slots, k_slots, step.valid, self.window)
-        return self.out_proj(self.core(q, k, v, mask))
+        return self.out_proj(self.core(q, k, v, q_slots, k_slots, step.valid, self.window))
 
     def _cross(self, x: Tensor, step: Step) -> Tensor:
         k, v, k_slots = step.shared_kv
         q_slots = step.slots[-x.shape[1]:]  # the last token only in prefill, else every new token
         q = self._q(x, step.positions[:, -x.shape[1]:])
-        mask = attention_mask(q_slots, k_slots, step.valid, None)
-        return self.out_proj(self.core(q, k, v, mask))
+        return self.out_proj(self.core(q, k, v, q_slots, k_slots, step.valid, None))
 
 
 class Mamba(nn.Module):
