@@ -3,12 +3,13 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from .cache import HybridCache
 from .config import ARCHS, PRESETS, HybridConfig, config
+from .lrt import LRTForCausalLM
 from .model import HybridPreTrainedModel
 from .samba import SambaForCausalLM, SambaYForCausalLM
 from .transformer import TransformerForCausalLM
 
 MODEL_CLASSES: dict[type, type] = {
-    cls.config_class: cls for cls in (TransformerForCausalLM, SambaForCausalLM, SambaYForCausalLM)
+    cls.config_class: cls for cls in (TransformerForCausalLM, SambaForCausalLM, SambaYForCausalLM, LRTForCausalLM)
 }
 
 for _config_cls, _model_cls in MODEL_CLASSES.items():

@@ -58,7 +58,10 @@ class HybridConfig(PretrainedConfig):
 
     def __post_init__(self, **kwargs):
         if self.head_dim is None:
-            self.head_dim = self.hidden_size // max(self.num_attention_heads, 1)
+            if self.num_attention_heads <= 0 or self.hidden_size % self.num_attention_heads:
+                raise ValueError(f"config: num_attention_heads={self.num_attention_heads} must divide "
+                                 f"hidden_size={self.hidden_size} (or set head_dim)")
+            self.head_dim = self.hidden_size // self.num_attention_heads
         if self.mamba_dt_rank is None:
             self.mamba_dt_rank = math.ceil(self.hidden_size / 16)
         super().__post_init__(**kwargs)
@@ -108,12 +111,12 @@ class SambaYConfig(HybridConfig):
         return "sambay-da" if self.differential_attention else "sambay"
 
     def validate_arch(self) -> None:
-        super().validate_arch()
         if self.num_hidden_layers % 4:
             raise ValueError(f"config: SambaY needs num_hidden_layers divisible by 4 (self-decoder halves of "
                              f"alternating Mamba/attention), got {self.num_hidden_layers}")
         if self.sliding_window is None:
             raise ValueError("config: sambay needs a sliding_window for its self-decoder attention layers")
+        super().validate_arch()
 
 
 class LRTConfig(HybridConfig):

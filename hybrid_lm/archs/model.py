@@ -23,6 +23,17 @@ from .layers import MLP, Attention, DifferentialCore, Mamba, Step, norm
 Tensor = torch.Tensor
 
 
+def next_token_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean CE of each kept logit against the label one position later (-100 ignored); logits
+    may cover only the last positions of labels (logits_to_keep, SambaY's cached prefill)."""
+    n = logits.shape[1]
+    if n < 2:
+        raise ValueError(f"labels: a loss needs logits for at least 2 positions, got {n} "
+                         "(drop logits_to_keep, or the cache in SambaY's prefill)")
+    targets = labels[:, labels.shape[1] - n + 1:]
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+
 class DecoderLayer(nn.Module):
     """Pre-norm mixer + residual, then pre-norm SwiGLU MLP + residual."""
 
@@ -102,6 +113,9 @@ class HybridPreTrainedModel(PreTrainedModel, GenerationMixin):
         slots = torch.arange(seen, seen + T, device=dev)
         prev = None if cache is None else cache.valid
         if attention_mask is not None:
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != B:
+                raise ValueError(f"attention_mask: expected shape [B={B}, {seen + T}] (cached + new tokens) "
+                                 f"or [B={B}, T={T}], got {list(attention_mask.shape)}")
             valid = attention_mask.to(device=dev, dtype=torch.bool)
             if valid.shape[1] == T and seen:  # a mask for the new tokens only
                 before = prev if prev is not None else torch.ones(B, seen, dtype=torch.bool, device=dev)
@@ -142,7 +156,7 @@ class HybridPreTrainedModel(PreTrainedModel, GenerationMixin):
         logits = self.lm_head(h)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+            loss = next_token_loss(logits, labels)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
 
     # -- generate plumbing -------------------------------------------------------------------------

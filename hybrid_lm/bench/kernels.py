@@ -535,7 +535,8 @@ def progress(total: int):
     return tqdm(total=total, unit="row", dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 15)
 
 
-def _free(device: torch.device) -> None:
+def free_memory(device: torch.device) -> None:
+    """Drop garbage and cached GPU blocks between rows, so one row's memory does not skew the next."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -569,7 +570,7 @@ def measure_case(op: str, s: dict, impls: dict, device: torch.device, dtype: str
             del out
         except Exception as e:
             checked[name] = ("error", f"{type(e).__name__}: {e}", None)
-        _free(device)
+        free_memory(device)
     del ref_out
 
     for name, impl in impls.items():
@@ -592,10 +593,10 @@ def measure_case(op: str, s: dict, impls: dict, device: torch.device, dtype: str
             if row["status"] == "error":
                 bar.write(f"error: {op} {pass_} {name} {sizes_str(s)}: {row['error'][:300]}")
             emit(row)
-            _free(device)
+            free_memory(device)
             bar.update(1)
     del p
-    _free(device)
+    free_memory(device)
 
 
 def print_table(rows: list) -> None:

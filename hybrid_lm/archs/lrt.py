@@ -1,0 +1,353 @@
+"""LRT: Latent Recurrent Transformer (arXiv 2605.26797) on the Transformer backbone.
+
+The memory m_t of token t is the final normed hidden state (the LM head's input) of token t-1,
+m_0 = 0. Every layer l adds gamma_l * m to the residual stream before its block and mixes m into
+its own K and V (no extra tokens):
+
+    [g_loc, g_fb] = 2 * sigmoid(W_g x[..., :32])        per KV head, x = the layer's normed input
+    k = g_loc * k + g_fb * (W_K m),  v = g_loc * v + g_fb * (W_V m),  then QK-norm and RoPE
+
+W_K | W_V is one fused projection, `model.feedback.0` for all layers ("shared") or
+`model.feedback.{l}` per layer ("layerwise"); W_g is `attn.gate` and gamma_l is `attn.gamma`.
+
+Training and prefill run the interleaved schedule: pass 0 runs every token with m = 0 and keeps
+every layer's K,V in a buffer; pass i = 1..S runs the tokens at positions p = i-1 (mod S) with
+m = the latest final states shifted right, writes their fresh K,V into the buffer and their
+final states back, and its queries attend over the whole buffer causally. A position's output
+is that of the pass that refined it last; the loss is the mean of the passes' losses. Decoding
+(one new token per sequence with a cache) is the exact recurrence: m = the cache's latent.
+`exact_recurrence=True` runs the whole input that way, one token at a time.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin
+from transformers import initialization as init
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from hybrid_lm import kernels as K
+
+from .cache import HybridCache
+from .config import LRTConfig
+from .layers import Attention, Step, attend
+from .model import HybridPreTrainedModel
+
+Tensor = torch.Tensor
+
+
+def _index(index: Tensor, like: Tensor) -> Tensor:
+    """index [B, n] broadcast over the trailing dims of `like` [B, N, ...], for gather/scatter on dim 1."""
+    return index.view(*index.shape, *(1,) * (like.dim() - 2)).expand(*index.shape, *like.shape[2:])
+
+
+def _take(x: Tensor, index: Tensor) -> Tensor:
+    """x[b, index[b, j]] for x [B, N, ...] and index [B, n]."""
+    return x.gather(1, _index(index, x))
+
+
+def _put(x: Tensor, index: Tensor, src: Tensor) -> Tensor:
+    """x with x[b, index[b, j]] = src[b, j]; out of place, so every pass stays in the autograd graph."""
+    return x.scatter(1, _index(index, src), src)
+
+
+@dataclass
+class Pass:
+    """One pass of the interleaved schedule: which new tokens it runs and what their queries see.
+
+    tokens [B, n]: each query's column among the T new tokens (T: an unused column, padding only);
+    positions [B, n]: their position ids; q_pos [n]: their buffer index shared by the batch
+    (no padding: for interleaved_attention), or mask [B, 1, n, N]: visibility of the buffer's
+    keys (padding: for attend())."""
+    schedule: "Schedule"
+    tokens: Tensor
+    positions: Tensor
+    q_pos: Optional[Tensor] = None
+    mask: Optional[Tensor] = None
+
+
+class Schedule:
+    """The K,V buffer of one interleaved forward and the passes that read and write it.
+
+    Buffer index j holds slot start + j: the cached prefix (a prefill continuing a cache), then
+    the T new tokens and, with padding, one trash slot. Without padding a pass's tokens are the
+    same for every row (positions are slots), so its queries go to interleaved_attention with
+    q_pos = their buffer index. With left padding, positions are slot - pad, so each row's subset
+    sits at different slots: a pass gathers each row's tokens into ceil(T/S) query columns (the
+    most any row can have, since positions of real tokens are consecutive) and fills the rest with
+    the trash column T. Trash queries write their K,V to the trash slot, which lies after every
+    real slot, so no real query sees it; their outputs are dropped. This keeps a padded batch at
+    the same ~2x cost as an unpadded one (rather than running every pass over every slot), at
+    the price of an explicit per-row mask and attend() instead of interleaved_attention.
+    """
+
+    def __init__(self, step: Step, T: int, subsets: int, window: Optional[int], layers: int):
+        self.step, self.T, self.subsets, self.window = step, T, subsets, window
+        cache = step.cache
+        self.seen = 0 if cache is None else cache.seen
+        self.prefix = 0 if cache is None or cache.layers[0].k is None else cache.layers[0].k.shape[1]
+        self.start = self.seen - self.prefix  # slot of buffer index 0 (a sliding-window cache drops old slots)
+        self.padded = step.valid is not None
+        self.k: list[Optional[Tensor]] = [None] * layers
+        self.v: list[Optional[Tensor]] = [None] * layers
+        if self.padded:
+            valid = step.valid[:, self.start:]
+            self.key_valid = torch.cat([valid, valid.new_zeros(valid.shape[0], 1)], dim=1)  # [B, N], trash False
+
+    def _pass(self, tokens: Tensor, positions: Tensor) -> Pass:
+        if not self.padded:
+            return Pass(self, tokens, positions, q_pos=self.prefix + tokens[0])
+        q_slots = self.seen + tokens  # [B, n]; the trash column sits at the trash slot
+        k_slots = self.start + torch.arange(self.key_valid.shape[1], device=tokens.device)
+        diff = q_slots[:, :, None] - k_slots  # [B, n, N]
+        mask = (diff >= 0) & self.key_valid[:, None]
+        if self.window is not None:
+            mask = mask & (diff < self.window)
+        return Pass(self, tokens, positions, mask=(mask | (diff == 0))[:, None])  # a query always sees itself
+
+    def first(self) -> Pass:
+        """Pass 0: every new token, in order."""
+        B = self.step.positions.shape[0]
+        tokens = torch.arange(self.T, device=self.step.positions.device).expand(B, -1)
+        return self._pass(tokens, self.step.positions)
+
+    def subset(self, r: int) -> Optional[Pass]:
+        """The pass over the new tokens at positions p with p % S == r (None if there are none)."""
+        positions, S = self.step.positions, self.subsets
+        B, dev = positions.shape[0], positions.device
+        if not self.padded:  # position = slot
+            first = (r - self.seen) % S
+            if first >= self.T:
+                return None
+            tokens = torch.arange(first, self.T, S, device=dev).expand(B, -1)
+            return self._pass(tokens, _take(positions, tokens))
+        member = self.step.new_valid() & (positions % S == r)  # [B, T]
+        most = -(-self.T // S)  # ceil(T / S): real positions are consecutive, so no row has more
+        order = torch.sort((~member).int(), dim=1, stable=True).indices[:, :most]  # members first, in order
+        tokens = torch.where(member.gather(1, order), order, self.T)
+        return self._pass(tokens, positions.gather(1, order))
+
+    def write(self, layer: int, tokens: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store a pass's fresh K,V of `layer` at its tokens; return the whole buffer."""
+        if self.k[layer] is None:  # pass 0 lays out the buffer: cached prefix, new tokens, trash
+            ks, vs = [k], [v]
+            if self.prefix:
+                kv = self.step.cache.layers[layer]
+                ks.insert(0, kv.k)
+                vs.insert(0, kv.v)
+            if self.padded:
+                ks.append(k.new_zeros(k.shape[0], 1, *k.shape[2:]))
+                vs.append(v.new_zeros(v.shape[0], 1, *v.shape[2:]))
+            self.k[layer], self.v[layer] = torch.cat(ks, dim=1), torch.cat(vs, dim=1)
+        else:
+            self.k[layer] = _put(self.k[layer], self.prefix + tokens, k)
+            self.v[layer] = _put(self.v[layer], self.prefix + tokens, v)
+        return self.k[layer], self.v[layer]
+
+    def commit(self) -> None:
+        """Append the new tokens' final K,V to the cache."""
+        new = slice(self.prefix, self.prefix + self.T)
+        for layer, kv in enumerate(self.step.cache.layers):
+            kv.update(self.k[layer][:, new], self.v[layer][:, new], self.step.slots, self.window)
+
+
+class LRTAttention(Attention):
+    """Self-attention whose K,V mix in the memory's feedback projection under per-KV-head gates."""
+
+    def __init__(self, config: LRTConfig, layer_idx: int):
+        super().__init__(config, layer_idx, window=config.sliding_window)
+        self.gate_features = config.lrt_gate_features
+        self.gate = nn.Linear(self.gate_features, 2 * self.kv_heads, bias=False)  # [g_loc heads | g_fb heads]
+        self.gamma = nn.Parameter(torch.empty(()))  # weight of the memory added to the residual stream
+
+    def _kv(self, x: Tensor, positions: Tensor, feedback: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """K,V of x mixed with feedback = (W_K m | W_V m) [B, T, 2 * kv_size] (None: m = 0)."""
+        w, b = self.Wqkv.weight[self.q_size:], None if self.Wqkv.bias is None else self.Wqkv.bias[self.q_size:]
+        kv = F.linear(x, w, b).unflatten(-1, (2, self.kv_heads, self.head_dim))  # [B, T, k|v, Hkv, Dh]
+        g = 2 * torch.sigmoid(self.gate(x[..., :self.gate_features])).unflatten(-1, (2, self.kv_heads))[..., None]
+        kv = g[:, :, :1] * kv
+        if feedback is not None:
+            kv = kv + g[:, :, 1:] * feedback.unflatten(-1, (2, self.kv_heads, self.head_dim))
+        k, v = kv.unbind(2)
+        return self._pos(k, positions), v
+
+    def forward(self, x: Tensor, step: Step, feedback: Optional[Tensor] = None,
+                pass_: Optional[Pass] = None) -> Tensor:
+        positions = step.positions if pass_ is None else pass_.positions
+        k, v = self._kv(x, positions, feedback)
+        q = self._q(x, positions)
+        if pass_ is None:  # decoding: the new token against the cache
+            k, v, k_slots = step.cache.layers[self.layer_idx].update(k, v, step.slots, self.window)
+            o = self.core(q, k, v, step.slots, k_slots, step.valid, self.window)
+        else:
+            k, v = pass_.schedule.write(self.layer_idx, pass_.tokens, k, v)
+            if pass_.mask is None:
+                o = K.interleaved_attention(q, k, v, pass_.q_pos, self.window).flatten(2)
+            else:
+                o = attend(q, k, v, pass_.mask).flatten(2)
+        return self.out_proj(o)
+
+
+@dataclass
+class LRTOutput(CausalLMOutputWithPast):
+    """CausalLMOutputWithPast plus, with `return_passes=True`, every pass's logits in schedule
+    order: passes[i] = (tokens [B, n], logits [B, n, V]), logits[b, j] being those of input
+    column tokens[b, j] (T, the input length, marks an unused column of a padded batch).
+    passes[0] covers every column; decoding and exact_recurrence have a single pass."""
+    passes: Optional[list[tuple[Tensor, Tensor]]] = None
+
+
+class LRTForCausalLM(HybridPreTrainedModel, GenerationMixin):
+    config_class = LRTConfig
+
+    def build_mixers(self, config: LRTConfig) -> list[nn.Module]:
+        if config.differential_attention:
+            raise ValueError("config: LRT sits on the Transformer backbone; differential_attention is not supported")
+        # built here, inside HybridPreTrainedModel.__init__ before post_init, so it is initialised with the rest
+        kv_size = config.num_key_value_heads * config.head_dim
+        n = 1 if config.lrt_feedback == "shared" else config.num_hidden_layers
+        self.model.feedback = nn.ModuleList(nn.Linear(config.hidden_size, 2 * kv_size, bias=False) for _ in range(n))
+        return [LRTAttention(config, i) for i in range(config.num_hidden_layers)]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, LRTAttention):  # visited after its gate Linear: this init wins
+            init.zeros_(module.gate.weight)  # gates start at 2 * sigmoid(0) = 1
+            init.constant_(module.gamma, self.config.lrt_gamma_init)
+
+    def run_layers(self, h: Tensor, step: Step, memory: Optional[Tensor] = None,
+                   pass_: Optional[Pass] = None) -> Tensor:
+        """Every layer over the tokens h [B, n, d] with memory [B, n, d] (None: m = 0), as one pass
+        of the schedule, or (pass_ None) as a decode step against the cache."""
+        shared = self.config.lrt_feedback == "shared"
+        feedback = None
+        if memory is not None and shared:  # one projection serves every layer
+            feedback = self.model.feedback[0](memory)
+        for i, layer in enumerate(self.model.layers):
+            if memory is not None:
+                h = h + layer.attn.gamma * memory
+                if not shared:
+                    feedback = self.model.feedback[i](memory)
+            h = layer(h, step, feedback=feedback, pass_=pass_)
+        return h
+
+    def _final(self, h: Tensor) -> Tensor:
+        return self.model.final_layernorm(h.to(self.model.final_layernorm.weight.dtype))
+
+    def _memory(self, step: Step, latest: Optional[Tensor] = None) -> Tensor:
+        """The memory of every new token: the latest final state of the slot before it (the cache's
+        latent for the first new token), zero where that slot is padding or there is none.
+        latest [B, T(+1 trash row), d]: the latest final states of the new tokens; None when
+        decoding one token, whose memory is the latent alone."""
+        B, d, cache = step.positions.shape[0], self.config.hidden_size, step.cache
+        if cache is None or cache.latent is None:
+            first = self.lm_head.weight.new_zeros(B, 1, d)
+        else:
+            first = cache.latent[:, None]
+        m = first if latest is None else torch.cat([first.to(latest.dtype), latest[:, :-1]], dim=1)
+        if step.valid is None:
+            return m
+        T = len(step.slots)
+        prev = torch.cat([step.valid.new_zeros(B, 1), step.valid], dim=1)[:, -T - 1:-1]  # valid of slot s - 1
+        if m.shape[1] > T:  # the trash row
+            prev = torch.cat([prev, prev.new_zeros(B, m.shape[1] - T)], dim=1)
+        return m * prev[..., None].to(m.dtype)
+
+    def _interleaved(self, h: Tensor, step: Step) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """The schedule over the new tokens h [B, T, d]: returns the final states of every token
+        (each from the pass that refined it last) and each pass's (tokens, final states)."""
+        c = self.config
+        T = h.shape[1]
+        schedule = Schedule(step, T, c.lrt_subsets, c.sliding_window, c.num_hidden_layers)
+        first = schedule.first()
+        z = self._final(self.run_layers(h, step, None, first))
+        passes = [(first.tokens, z)]
+        if schedule.padded:  # a row for the trash column, so every pass gathers and scatters in range
+            z = torch.cat([z, z.new_zeros(z.shape[0], 1, z.shape[2])], dim=1)
+            h = torch.cat([h, h.new_zeros(h.shape[0], 1, h.shape[2])], dim=1)
+        for r in range(c.lrt_subsets):
+            pass_ = schedule.subset(r)
+            if pass_ is None:
+                continue
+            memory = _take(self._memory(step, z), pass_.tokens)
+            zi = self._final(self.run_layers(_take(h, pass_.tokens), step, memory, pass_))
+            z = _put(z, pass_.tokens, zi)
+            passes.append((pass_.tokens, zi))
+        if step.cache is not None:
+            schedule.commit()
+        return z[:, :T], passes
+
+    def _loss(self, passes: list[tuple[Tensor, Tensor]], labels: Tensor) -> Tensor:
+        """Mean over the passes of each pass's next-token loss over the tokens it ran."""
+        targets = F.pad(labels[:, 1:], (0, 2), value=-100)  # the last token and the trash column predict nothing
+        losses, counted = [], []
+        for tokens, logits in passes:
+            t = _take(targets, tokens)
+            n = (t != -100).sum()
+            ce = F.cross_entropy(logits.flatten(0, 1).float(), t.flatten(), ignore_index=-100, reduction="sum")
+            losses.append(ce / n.clamp(min=1))
+            counted.append(n > 0)
+        counted = torch.stack(counted)  # a pass with no target (a short input) does not count
+        return (torch.stack(losses) * counted).sum() / counted.sum()
+
+    def _states(self, input_ids: Tensor, attention_mask: Optional[Tensor], cache: Optional[HybridCache]
+                ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """Final normed states of the new tokens, and each pass's (tokens, final states)."""
+        B, T = input_ids.shape
+        step = self.make_step(input_ids, attention_mask, cache)
+        h = self.model.embed_tokens(input_ids)
+        if self.config.residual_in_fp32:
+            h = h.float()
+        if cache is not None and T == 1:  # decoding: m = the latent, exact token by token
+            z = self._final(self.run_layers(h, step, self._memory(step)))
+            passes = [(step.positions.new_zeros(B, 1), z)]
+        else:
+            z, passes = self._interleaved(h, step)
+        if cache is not None:
+            cache.latent = z[:, -1]
+            cache.seen += T
+        return z, passes
+
+    def _recurrence(self, input_ids: Tensor, attention_mask: Optional[Tensor], cache: HybridCache) -> Tensor:
+        """Final normed states of the exact recurrence: the input fed one token at a time."""
+        seen, T = cache.seen, input_ids.shape[1]
+        whole = attention_mask is not None and attention_mask.shape[1] == seen + T  # else the new tokens' mask
+        z = []
+        for t in range(T):
+            mask = None if attention_mask is None else \
+                attention_mask[:, :seen + t + 1] if whole else attention_mask[:, t:t + 1]
+            z.append(self._states(input_ids[:, t:t + 1], mask, cache)[0])
+        return torch.cat(z, dim=1)
+
+    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, labels: Optional[Tensor] = None,
+                past_key_values: Optional[HybridCache] = None, use_cache: Optional[bool] = None,
+                logits_to_keep: int = 0, exact_recurrence: bool = False, return_passes: bool = False,
+                **kwargs) -> LRTOutput:
+        """As HybridPreTrainedModel.forward, with the interleaved schedule (decoding with a cache:
+        the exact recurrence); with labels the loss is the mean of the passes' losses.
+
+        exact_recurrence=True runs the exact recurrence one token at a time over the whole input
+        (continuing `past_key_values` if given); return_passes=True adds every pass's logits
+        (LRTOutput.passes)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids: expected shape [B, T], got {list(input_ids.shape)}")
+        B, T = input_ids.shape
+        cache = past_key_values
+        if cache is None and (use_cache or exact_recurrence):
+            cache = self.new_cache(B)
+        if exact_recurrence:
+            z = self._recurrence(input_ids, attention_mask, cache)
+            z_passes = [(torch.arange(T, device=z.device).expand(B, -1), z)]
+        else:
+            z, z_passes = self._states(input_ids, attention_mask, cache)
+        logits = self.lm_head(z[:, -logits_to_keep:] if logits_to_keep else z)
+        passes = None
+        if labels is not None or return_passes:
+            passes = [(tokens, self.lm_head(zi)) for tokens, zi in z_passes]
+        return LRTOutput(loss=None if labels is None else self._loss(passes, labels), logits=logits,
+                         past_key_values=cache if past_key_values is not None or use_cache else None,
+                         passes=passes if return_passes else None)

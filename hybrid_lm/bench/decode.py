@@ -1,0 +1,446 @@
+"""Decode benchmark: `hybrid-lm bench decode`, or `python -m hybrid_lm.bench.decode`.
+
+Generated tokens per second and cache bytes versus generation length for each architecture at one
+preset (the same size for all), at each batch size. One row per architecture and batch size:
+a fresh model (seeded init), a deterministic random prompt prefilled into the model's own
+HybridCache, then a manual decode loop that feeds each step's argmax token back, one token per
+`model(tokens, past_key_values=cache, logits_to_keep=1)` call, under torch.inference_mode in eval
+mode (bf16 on a GPU, fp32 on a CPU). At checkpoints (1/8, 1/4, 1/2, 3/4 and all of the generation)
+the row records the instantaneous throughput (batch * steps / time over the last `window_steps`
+steps before the checkpoint), the cumulative throughput since the prefill, and the cache's bytes
+(HybridCache.nbytes()). A randomly initialised model's argmax text is meaningless, but the work
+per step does not depend on the tokens.
+
+Default sweeps (each value overridable; --quick picks the test sweep on any device):
+
+  GPU    preset phi4-mini-flash (3.8B: the size of the paper's claim), prompt 2048, up to 32768
+         generated, batch 1 and 64, bf16. Eager decoding at that size takes minutes per row, so a
+         full sweep takes well over 10 minutes: pass --gen-len to fit a shorter slot.
+  CPU    preset tiny, prompt 128, up to 512 generated, batch 1 and 8, fp32: a smoke run of the
+         whole path in seconds; tiny models are bound by Python overhead, not by cache reads. On a
+         busy machine torch's CPU threads wait on each other and step times swing tenfold (the meta
+         records the load average): OMP_NUM_THREADS=1 steadies them.
+  quick  preset tiny, prompt 32, up to 64 generated, batch 1 and 2.
+
+Timing: on a GPU, CUDA events recorded between decode steps and read (one synchronize) only at
+checkpoints, so the host runs ahead as it would in serving; on a CPU, perf_counter. Before each row
+a short warm-up at the row's batch size compiles the kernels and measures how the cache grows; on a
+GPU a row whose estimated peak memory exceeds MEM_SHARE of the free memory is skipped with the
+estimate as its reason (an out-of-memory error all the same becomes that row's error).
+
+The decode step is eager, not a CUDA graph, and the cache is the model's growing one, not a static
+cache: see EAGER_WHY (also in the JSON's meta).
+
+Output in --out: decode-<device>.jsonl (a meta line, then each row as it is measured, so a run cut
+off by a time limit still leaves results), decode-<device>.json (meta, the SambaY / Transformer
+throughput ratios, all rows) and decode-<device>.png (tokens/s and cache bytes versus generated
+length, per batch size). The table and the ratios are printed last. An architecture that fails to
+build or run (e.g. one not implemented yet) becomes an error row and the sweep goes on.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Iterator, NamedTuple, Optional, Union
+
+import torch
+
+import hybrid_lm
+from hybrid_lm.archs import ARCHS, PRESETS
+
+from .kernels import free_memory, device_name, device_slug, progress
+
+
+class Sweep(NamedTuple):
+    preset: str
+    prompt_len: int
+    gen_len: int
+    batch_sizes: tuple
+
+
+SWEEPS = {"gpu": Sweep("phi4-mini-flash", 2048, 32768, (1, 64)),
+          "cpu": Sweep("tiny", 128, 512, (1, 8)),
+          "quick": Sweep("tiny", 32, 64, (1, 2))}
+DEFAULT_ARCHS = ("transformer", "samba", "sambay", "lrt")
+CHECKPOINTS = (1 / 8, 1 / 4, 1 / 2, 3 / 4, 1)  # fractions of --gen-len
+WINDOW_STEPS = 64  # steps timed for the instantaneous throughput (fewer if the first checkpoint is earlier)
+PROBE_STEPS = 8  # decode steps of the warm-up, over which the cache's growth per token is measured
+MEM_SHARE = 0.9  # a GPU row runs when its estimated peak fits in this share of the free memory
+SEED = 0
+PAPER = "paper: SambaY up to 10x a Transformer's decode throughput at 3.8B, 2K prompt + 32K generated, in vLLM"
+EAGER_WHY = (
+    "eager: one model(...) call per token, no CUDA graph and no static cache, because of the model code as it "
+    "stands: (1) KVCache.update grows K,V with torch.cat, so each step's tensors have new shapes and addresses, "
+    "which a CUDA graph fixes at capture; (2) make_step builds the new token's slot (its RoPE position and mask "
+    "index) with torch.arange from the host int cache.seen, which a graph would freeze at its captured value. "
+    "A static cache (K,V preallocated and written in place at a device-side position, attention bounded by a "
+    "device-side length) would lift both; the Mamba decode kernels already run in place without host syncs. "
+    "The concatenation also copies each full-attention layer's K,V once per token: at long lengths a step "
+    "moves about 3x the cache bytes of those layers (cat read + write, attention read) instead of 1x, which "
+    "weighs on the Transformer at every layer and on SambaY at its one full-attention layer.")
+# every row's fields, in order. A skipped or failed row has no measurements (None). peak_bytes: the
+# most allocated on the GPU during the row, weights included (None on a CPU). status: ok, skipped, error.
+FIELDS = ("arch", "preset", "batch", "prompt_len", "params", "status", "generated", "tokens_per_s", "cum_tokens_per_s",
+          "step_ms", "window_steps", "cache_bytes", "peak_bytes", "prefill_s", "error")
+
+
+# ---------------------------------------------------------------------------------------------
+# measuring
+# ---------------------------------------------------------------------------------------------
+
+class Clock:
+    """Timestamps on the device's timeline: CUDA events on a GPU (nothing waits until one is read),
+    perf_counter on a CPU (where every op has finished when it returns)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self) -> Union[float, torch.cuda.Event]:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(self, start, end) -> float:
+        if not self.cuda:
+            return end - start
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+
+def random_prompt(batch: int, length: int, vocab: int, device: torch.device) -> torch.Tensor:
+    """The same tokens for every architecture and every run: a seeded CPU generator."""
+    generator = torch.Generator().manual_seed(SEED + batch)
+    return torch.randint(0, vocab, (batch, length), generator=generator).to(device)
+
+
+def next_token(model, tokens: torch.Tensor, cache) -> torch.Tensor:
+    """Feed `tokens` [B, T] after what the cache holds; the argmax of the last position, [B, 1]."""
+    return model(tokens, past_key_values=cache, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
+
+
+def warm_up(model, batch: int, prompt_len: int, total_len: int, device: torch.device) -> float:
+    """Run a short prefill and PROBE_STEPS decode steps at this batch size (kernel compiles, cuBLAS
+    plans) and return a rough, conservative estimate of the row's peak bytes beyond the weights.
+    The probe's prompt passes the sliding window, so windowed layers are full and the cache grows
+    linearly from there. The growing part counts twice: torch.cat allocates a layer's grown K,V
+    while the old ones are alive, and in SambaY one layer holds nearly all of the growth. The
+    prefill's activations scale with the prompt."""
+    n = (model.config.sliding_window or 0) + 16
+    cache = model.new_cache(batch)
+    on_gpu = device.type == "cuda"
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    tokens = next_token(model, random_prompt(batch, n, model.config.vocab_size, device), cache)
+    # activations (and this cache) scale with the prompt: counted again for the real one
+    prefill = (torch.cuda.max_memory_allocated(device) - base) * prompt_len / n if on_gpu else 0.0
+    filled = cache.nbytes()
+    for _ in range(PROBE_STEPS):
+        tokens = next_token(model, tokens, cache)
+    per_token = (cache.nbytes() - filled) / PROBE_STEPS
+    if on_gpu:
+        torch.cuda.synchronize(device)
+    return filled + 2 * per_token * (total_len - n) + prefill
+
+
+def checkpoints(gen_len: int) -> list[int]:
+    return sorted({max(1, round(f * gen_len)) for f in CHECKPOINTS})
+
+
+def decode(model, prompt: torch.Tensor, gen_len: int, device: torch.device) -> Iterator[dict]:
+    """Prefill `prompt` into a fresh cache, then decode gen_len steps, each feeding the last argmax
+    token; yield the measurements at every checkpoint (one host sync each on a GPU)."""
+    batch = prompt.shape[0]
+    stops = checkpoints(gen_len)
+    window = min(WINDOW_STEPS, stops[0])
+    marked = {0} | set(stops) | {s - window for s in stops}
+    clock = Clock(device)
+    cache = model.new_cache(batch)
+    start = clock.mark()
+    tokens = next_token(model, prompt, cache)
+    marks = {0: clock.mark()}  # step -> timestamp after it; step 0 is the prefill
+    for step in range(1, gen_len + 1):
+        tokens = next_token(model, tokens, cache)
+        if step in marked:
+            marks[step] = clock.mark()
+        if step in stops:
+            span = clock.seconds(marks[step - window], marks[step])
+            yield {"generated": step, "tokens_per_s": batch * window / span,
+                   "cum_tokens_per_s": batch * step / clock.seconds(marks[0], marks[step]),
+                   "step_ms": span / window * 1e3, "cache_bytes": cache.nbytes(),
+                   "peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+                   "prefill_s": clock.seconds(start, marks[0]), "window_steps": window}
+
+
+def build_model(arch: str, preset: str, device: torch.device, dtype: torch.dtype):
+    torch.manual_seed(SEED)
+    with torch.device(device):  # initialise on the device: a 3.8B model's random init on the host is slow
+        model = hybrid_lm.build(hybrid_lm.config(arch, preset))
+    return model.to(dtype).eval()
+
+
+def bench_arch(arch: str, sweep: Sweep, device: torch.device, dtype: torch.dtype, emit, bar) -> None:
+    """Every batch size of one architecture; failures and skips become rows, never exceptions."""
+    n_stops = len(checkpoints(sweep.gen_len))
+    row = {"arch": arch, "preset": sweep.preset, "prompt_len": sweep.prompt_len, "params": None}
+    try:
+        model = build_model(arch, sweep.preset, device, dtype)
+        row["params"] = sum(p.numel() for p in model.parameters())
+    except Exception as e:  # an architecture not implemented yet, or a bad config
+        for batch in sweep.batch_sizes:
+            emit(dict(row, batch=batch, status="error", error=f"build: {type(e).__name__}: {e}"))
+            bar.update(n_stops)
+        return
+    for batch in sweep.batch_sizes:
+        base = dict(row, batch=batch)
+        bar.set_postfix_str(f"{arch} batch {batch}", refresh=False)
+        done = 0
+        try:
+            with torch.inference_mode():
+                need = warm_up(model, batch, sweep.prompt_len, sweep.prompt_len + sweep.gen_len, device)
+                free_memory(device)
+                free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+                if free is not None and need > MEM_SHARE * free:
+                    emit(dict(base, status="skipped", error=f"needs about {need / 1e9:.1f} GB (cache at "
+                              f"{sweep.prompt_len + sweep.gen_len} tokens + prefill), {free / 1e9:.1f} GB free"))
+                else:
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(device)
+                    prompt = random_prompt(batch, sweep.prompt_len, model.config.vocab_size, device)
+                    for point in decode(model, prompt, sweep.gen_len, device):
+                        emit(dict(base, status="ok", error=None, **point))
+                        done += 1
+                        bar.update(1)
+        except Exception as e:  # out of memory included: the rows measured so far stay
+            emit(dict(base, status="error", error=f"{type(e).__name__}: {e}"))
+        bar.update(n_stops - done)
+        free_memory(device)
+    del model
+    free_memory(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# reporting
+# ---------------------------------------------------------------------------------------------
+
+def ratios(rows: list, arch: str = "sambay", base: str = "transformer") -> list[dict]:
+    """Per batch size: arch's throughput over base's at the longest generated length both reached."""
+    ok = {(r["arch"], r["batch"], r["generated"]): r for r in rows if r["status"] == "ok"}
+    out = []
+    for batch in dict.fromkeys(r["batch"] for r in rows):
+        both = [g for a, b, g in ok if a == arch and b == batch and (base, batch, g) in ok]
+        entry = {"arch": arch, "base": base, "batch": batch, "prompt_len": None, "generated": None, "instant": None,
+                 "cumulative": None}
+        if both:
+            x, y = ok[(arch, batch, max(both))], ok[(base, batch, max(both))]
+            entry.update(prompt_len=x["prompt_len"], generated=max(both), instant=x["tokens_per_s"] / y["tokens_per_s"],
+                         cumulative=x["cum_tokens_per_s"] / y["cum_tokens_per_s"])
+        else:  # say why: the skipped and failed rows of either
+            entry["why"] = "; ".join(f"{r['arch']} {r['status']}: {r['error']}" for r in rows if r["batch"] == batch
+                                     and r["arch"] in (arch, base) and r["status"] != "ok") or "not run"
+        out.append(entry)
+    return out
+
+
+def ratio_lines(entries: list) -> list[str]:
+    lines = []
+    for e in entries:
+        head = f"{e['arch']} / {e['base']} tokens/s, batch {e['batch']}"
+        if e["generated"] is None:
+            lines.append(f"{head}: not measured ({e['why'][:200]})")
+        else:
+            lines.append(f"{head}, prompt {e['prompt_len']} + {e['generated']} generated: {e['instant']:.2f}x "
+                         f"(last steps), {e['cumulative']:.2f}x (cumulative)")
+    return lines + [f"({PAPER})"]
+
+
+def print_table(rows: list) -> None:
+    """Grouped by batch size and architecture; `vs tf` is the instantaneous tokens/s over the
+    Transformer's at the same batch size and length."""
+    tf = {(r["batch"], r["generated"]): r["tokens_per_s"] for r in rows
+          if r["arch"] == "transformer" and r["status"] == "ok"}
+    batches = list(dict.fromkeys(r["batch"] for r in rows))
+    archs = list(dict.fromkeys(r["arch"] for r in rows))
+    rows = sorted(rows, key=lambda r: (batches.index(r["batch"]), archs.index(r["arch"]), r["generated"] or 0))
+    print(f"{'arch':12} {'batch':>5} {'prompt':>6} {'gen':>6} {'tok/s':>10} {'cum tok/s':>10} {'ms/step':>8} "
+          f"{'cache MiB':>10} {'vs tf':>6}")
+    for r in rows:
+        line = f"{r['arch']:12} {r['batch']:5d} {r['prompt_len']:6d}"
+        if r["status"] != "ok":
+            print(f"{line} {r['status']}: {r['error'][:100]}")
+            continue
+        mine = tf.get((r["batch"], r["generated"]))
+        vs = f"{r['tokens_per_s'] / mine:.2f}x" if mine and r["arch"] != "transformer" else ""
+        print(f"{line} {r['generated']:6d} {r['tokens_per_s']:10.1f} {r['cum_tokens_per_s']:10.1f} "
+              f"{r['step_ms']:8.3f} {r['cache_bytes'] / 2**20:10.3f} {vs:>6}")
+
+
+def plot(rows: list, title: str, path: Path) -> bool:
+    """Per batch size: tokens/s (solid: last steps, dashed: cumulative) and cache bytes versus
+    generated length, one colour per architecture."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    ok = [r for r in rows if r["status"] == "ok"]
+    if not ok:
+        return False
+    batches = list(dict.fromkeys(r["batch"] for r in ok))
+    archs = list(dict.fromkeys(r["arch"] for r in rows))  # colours stay put when an arch is missing
+    fig, axes = plt.subplots(len(batches), 2, figsize=(13, 3.8 * len(batches)), squeeze=False, layout="constrained")
+    for (speed, memory), batch in zip(axes, batches):
+        for i, arch in enumerate(archs):
+            mine = [r for r in ok if r["arch"] == arch and r["batch"] == batch]
+            if not mine:
+                continue
+            x = [r["generated"] for r in mine]
+            # hollow markers of shrinking size, so identical curves (LRT's cache is the Transformer's) stay visible
+            style = dict(color=f"C{i}", marker="osD^v"[i % 5], markersize=9 - i, markerfacecolor="none")
+            speed.plot(x, [r["tokens_per_s"] for r in mine], "-", label=arch, **style)
+            speed.plot(x, [r["cum_tokens_per_s"] for r in mine], "--", color=f"C{i}", alpha=0.6)
+            memory.plot(x, [r["cache_bytes"] / 2**20 for r in mine], "-", label=arch, **style)
+        prompt = ok[0]["prompt_len"]
+        speed.set(xlabel=f"generated tokens (after a {prompt}-token prompt)", ylabel="tokens/s (whole batch)",
+                  title=f"batch {batch}: throughput (solid: last steps, dashed: cumulative)")
+        memory.set(xlabel=f"generated tokens (after a {prompt}-token prompt)", ylabel="cache MiB", yscale="log",
+                   title=f"batch {batch}: cache bytes")
+        for ax in (speed, memory):
+            ax.legend(fontsize=8)
+            ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=11)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _version(package: str) -> Optional[str]:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def model_sizes(arch: str, preset: str) -> dict:
+    try:
+        c = hybrid_lm.config(arch, preset)
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+    return {k: getattr(c, k) for k in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                                       "num_key_value_heads", "head_dim", "sliding_window", "vocab_size")}
+
+
+def meta(device: torch.device, dtype: torch.dtype, sweep: Sweep, archs: list, quick: bool) -> dict:
+    stops = checkpoints(sweep.gen_len)
+    return {
+        "device": device_name(device), "device_slug": device_slug(device), "device_type": device.type,
+        "torch": torch.__version__, "triton": _version("triton"), "transformers": _version("transformers"),
+        "python": platform.python_version(), "cuda": torch.version.cuda, "cpu_threads": torch.get_num_threads(),
+        "load_avg_1min": os.getloadavg()[0],  # CPU timings on a busy machine mean little
+        "dtype": str(dtype).removeprefix("torch."), "preset": sweep.preset, "archs": archs,
+        "models": {arch: model_sizes(arch, sweep.preset) for arch in archs},
+        "prompt_len": sweep.prompt_len, "gen_len": sweep.gen_len, "batch_sizes": list(sweep.batch_sizes),
+        "checkpoints": stops, "window_steps": min(WINDOW_STEPS, stops[0]), "quick": quick, "seed": SEED,
+        "decode_step": EAGER_WHY,
+        "timing": ("CUDA events between decode steps, one synchronize per checkpoint" if device.type == "cuda"
+                   else "perf_counter"),
+        "memory_guard": f"rows whose estimated peak exceeds {MEM_SHARE:.0%} of free GPU memory are skipped",
+        "HYBRID_LM_BACKEND": os.environ.get("HYBRID_LM_BACKEND"),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------------------------
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `hybrid-lm bench decode`; a value left out comes from the device's sweep."""
+    gpu, cpu = SWEEPS["gpu"], SWEEPS["cpu"]
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default: benchmarks/results/<device-name-slug>)")
+    parser.add_argument("--archs", nargs="+", default=None, metavar="ARCH",
+                        help=f"architectures, space or comma separated (default: {' '.join(DEFAULT_ARCHS)})")
+    parser.add_argument("--preset", choices=PRESETS, default=None,
+                        help=f"model size for every arch (default: {gpu.preset} on a GPU, {cpu.preset} on a CPU)")
+    parser.add_argument("--prompt-len", type=_positive, default=None,
+                        help=f"prompt tokens (default: {gpu.prompt_len} on a GPU, {cpu.prompt_len} on a CPU)")
+    parser.add_argument("--gen-len", type=_positive, default=None,
+                        help=f"tokens generated (default: {gpu.gen_len} on a GPU, {cpu.gen_len} on a CPU)")
+    parser.add_argument("--batch-sizes", nargs="+", type=_positive, default=None, metavar="B",
+                        help=f"batch sizes (default: {' '.join(map(str, gpu.batch_sizes))} on a GPU, "
+                             f"{' '.join(map(str, cpu.batch_sizes))} on a CPU)")
+    parser.add_argument("--quick", action="store_true",
+                        help="the test sweep: " + ", ".join(f"{k} {v}" for k, v in SWEEPS["quick"]._asdict().items()))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark; 0 when every row ran (skips included), 1 when any row failed."""
+    archs = [a for arg in (args.archs or DEFAULT_ARCHS) for a in arg.split(",") if a]
+    unknown = [a for a in archs if a not in ARCHS]
+    if unknown:
+        print(f"--archs: unknown {', '.join(unknown)}; choose from {', '.join(ARCHS)}", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    default = SWEEPS["quick" if args.quick else "gpu" if device.type == "cuda" else "cpu"]
+    sweep = Sweep(args.preset or default.preset, args.prompt_len or default.prompt_len,
+                  args.gen_len or default.gen_len, tuple(args.batch_sizes or default.batch_sizes))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    slug = device_slug(device)
+    out = args.out or Path("benchmarks/results") / slug
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"decode-{slug}"
+
+    info = meta(device, dtype, sweep, archs, args.quick)
+    print(f"{info['device']}, {info['dtype']}: {sweep.preset} models, prompt {sweep.prompt_len}, up to "
+          f"{sweep.gen_len} generated, batch {', '.join(map(str, sweep.batch_sizes))}; torch {info['torch']}")
+    rows = []
+    bar = progress(len(archs) * len(sweep.batch_sizes) * len(checkpoints(sweep.gen_len)))
+    with open(f"{stem}.jsonl", "w") as jsonl:
+        jsonl.write(json.dumps({"meta": info}) + "\n")
+
+        def emit(row: dict) -> None:
+            row = {k: row.get(k) for k in FIELDS}
+            rows.append(row)
+            jsonl.write(json.dumps(row) + "\n")
+            jsonl.flush()
+            if row["status"] == "error":
+                bar.write(f"error: {row['arch']} batch {row['batch']}: {row['error'][:300]}")
+
+        for arch in archs:
+            bench_arch(arch, sweep, device, dtype, emit, bar)
+        bar.close()
+
+    summary = ratios(rows)
+    Path(f"{stem}.json").write_text(json.dumps({"meta": info, "sambay_vs_transformer": summary, "rows": rows},
+                                               indent=1) + "\n")
+    print_table(rows)
+    title = (f"hybrid-lm decode, {info['device']}, {info['dtype']}, {sweep.preset} models, "
+             f"prompt {sweep.prompt_len}, eager decode step")
+    wrote_png = plot(rows, title, Path(f"{stem}.png"))
+    print(f"wrote {stem}.json, {stem}.jsonl"
+          + (f", {stem}.png" if wrote_png else " (no PNG: matplotlib missing, or no row ran)"))
+    print("\n".join(ratio_lines(summary)))
+    return int(any(r["status"] == "error" for r in rows))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    sys.exit(run(parser.parse_args()))
