@@ -140,8 +140,9 @@ CONFIG_CLASSES = {"transformer": TransformerConfig, "samba": SambaConfig, "samba
 def _preset_fields(arch: str, preset: str) -> dict:
     hybrid = arch in ("samba", "sambay", "sambay-da")
     if preset == "tiny":
-        # SambaY tiny has 8 layers so its cross-decoder holds GMU and cross-attention layers.
-        fields = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=8 if hybrid else 4,
+        # 8 layers: SambaY's cross-decoder then holds GMU and cross-attention layers, and every
+        # arch has the same depth, so tiny comparisons are like for like.
+        fields = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
         if hybrid:
             fields["sliding_window"] = 16

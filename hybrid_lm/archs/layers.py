@@ -88,13 +88,14 @@ def rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
 def attention_mask(q_slots: Tensor, k_slots: Tensor, valid: Optional[Tensor], window: Optional[int]) -> Tensor:
     """[B or 1, 1, Tq, Tk] bool: key j is visible to query i (causal, in the window, a real token).
 
-    A query always sees itself, so a padded query row is never empty (its output is ignored)."""
+    k_slots may hold -1 for an empty entry of a static cache's ring buffer. A query always sees
+    itself, so a padded query row is never empty (its output is ignored)."""
     diff = q_slots[:, None] - k_slots[None, :]  # [Tq, Tk]
-    mask = diff >= 0
+    mask = (diff >= 0) & (k_slots >= 0)[None, :]
     if window is not None:
         mask = mask & (diff < window)
     if valid is not None:
-        mask = (mask[None] & valid[:, None, k_slots]) | (diff == 0)[None]
+        mask = (mask[None] & valid[:, None, k_slots.clamp(min=0)]) | (diff == 0)[None]
     else:
         mask = mask[None]
     return mask[:, None]

@@ -95,7 +95,7 @@ class Schedule:
         self.k: list[Optional[Tensor]] = [None] * layers
         self.v: list[Optional[Tensor]] = [None] * layers
         if self.padded:
-            valid = step.valid[:, self.start:]
+            valid = step.valid[:, self.start:self.seen + T]  # a static cache's mask runs on to max_len
             self.key_valid = torch.cat([valid, valid.new_zeros(valid.shape[0], 1)], dim=1)  # [B, N], trash False
 
     def _pass(self, tokens: Tensor, positions: Tensor) -> Pass:
@@ -252,7 +252,8 @@ class LRTForCausalLM(HybridPreTrainedModel, GenerationMixin):
         if step.valid is None:
             return m
         T = len(step.slots)
-        prev = torch.cat([step.valid.new_zeros(B, 1), step.valid], dim=1)[:, -T - 1:-1]  # valid of slot s - 1
+        before = step.slots - 1  # valid of slot s - 1, read at device-held slots (a static cache's decode)
+        prev = step.valid[:, before.clamp(min=0)] & (before >= 0)
         if m.shape[1] > T:  # the trash row
             prev = torch.cat([prev, prev.new_zeros(B, m.shape[1] - T)], dim=1)
         return m * prev[..., None].to(m.dtype)
@@ -308,7 +309,10 @@ class LRTForCausalLM(HybridPreTrainedModel, GenerationMixin):
         else:
             z, passes = self._interleaved(h, step)
         if cache is not None:
-            cache.latent = z[:, -1]
+            if cache.latent is None:
+                cache.latent = z[:, -1].clone()
+            else:  # in place: a captured decode step must write where it read
+                cache.latent.copy_(z[:, -1])
             cache.seen += T
         return z, passes
 

@@ -100,22 +100,26 @@ class HybridPreTrainedModel(PreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
 
-    def new_cache(self, batch: int) -> HybridCache:
+    def new_cache(self, batch: int, max_len: Optional[int] = None) -> HybridCache:
+        """An empty cache; with max_len a static one (fixed buffers, CUDA-graph capturable decode)."""
         c = self.config
+        windows = [getattr(layer.attn, "window", None) for layer in self.model.layers]
         return HybridCache(self.cache_kinds(), batch, c.mamba_d_inner, c.mamba_d_conv, c.mamba_d_state,
-                           self.model.embed_tokens.weight.device)
+                           self.model.embed_tokens.weight.device, max_len, windows)
 
     def make_step(self, input_ids: Tensor, attention_mask: Optional[Tensor], cache: Optional[HybridCache]) -> Step:
         """Slots, validity and position ids of the new tokens; records validity in the cache."""
         B, T = input_ids.shape
         seen = 0 if cache is None else cache.seen
         dev = input_ids.device
+        if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape[0] != B):
+            raise ValueError(f"attention_mask: expected shape [B={B}, {seen + T}] (cached + new tokens) "
+                             f"or [B={B}, T={T}], got {list(attention_mask.shape)}")
+        if cache is not None and cache.max_len is not None:
+            return self._static_step(T, attention_mask, cache)
         slots = torch.arange(seen, seen + T, device=dev)
         prev = None if cache is None else cache.valid
         if attention_mask is not None:
-            if attention_mask.dim() != 2 or attention_mask.shape[0] != B:
-                raise ValueError(f"attention_mask: expected shape [B={B}, {seen + T}] (cached + new tokens) "
-                                 f"or [B={B}, T={T}], got {list(attention_mask.shape)}")
             valid = attention_mask.to(device=dev, dtype=torch.bool)
             if valid.shape[1] == T and seen:  # a mask for the new tokens only
                 before = prev if prev is not None else torch.ones(B, seen, dtype=torch.bool, device=dev)
@@ -132,6 +136,25 @@ class HybridPreTrainedModel(PreTrainedModel, GenerationMixin):
         if cache is not None:
             cache.valid = valid
         return Step(slots=slots, valid=valid, positions=positions, cache=cache)
+
+    @staticmethod
+    def _static_step(T: int, attention_mask: Optional[Tensor], cache: HybridCache) -> Step:
+        """make_step for a static cache: every value comes from device tensors updated in place, so a
+        captured decode step replays correctly (no Python int turns into a tensor here)."""
+        if cache.seen + T > cache.max_len:
+            raise ValueError(f"input_ids: {T} new tokens overflow the static cache "
+                             f"(max_len={cache.max_len}, {cache.seen} cached)")
+        dev = cache.valid.device
+        slots = cache.seen_t + torch.arange(T, device=dev)
+        if attention_mask is None:
+            new_valid = torch.ones(cache.batch, T, dtype=torch.bool, device=dev)
+        else:
+            new_valid = attention_mask[:, attention_mask.shape[1] - T:].to(device=dev, dtype=torch.bool)
+        cache.valid.index_copy_(1, slots, new_valid)
+        positions = (cache.num_real[:, None] + new_valid.long().cumsum(-1) - 1).clamp(min=0)
+        cache.num_real += new_valid.sum(-1)
+        cache.seen_t += T
+        return Step(slots=slots, valid=cache.valid, positions=positions, cache=cache)
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, labels: Optional[Tensor] = None,
                 past_key_values: Optional[HybridCache] = None, use_cache: Optional[bool] = None,

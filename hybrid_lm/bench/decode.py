@@ -28,8 +28,8 @@ a short warm-up at the row's batch size compiles the kernels and measures how th
 GPU a row whose estimated peak memory exceeds MEM_SHARE of the free memory is skipped with the
 estimate as its reason (an out-of-memory error all the same becomes that row's error).
 
-The decode step is eager, not a CUDA graph, and the cache is the model's growing one, not a static
-cache: see EAGER_WHY (also in the JSON's meta).
+On a GPU each decode step is one CUDA-graph replay over a static cache; on a CPU it is an eager
+call over the growing cache (DECODE_STEP, also in the JSON's meta).
 
 Output in --out: decode-<device>.jsonl (a meta line, then each row as it is measured, so a run cut
 off by a time limit still leaves results), decode-<device>.json (meta, the SambaY / Transformer
@@ -47,7 +47,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, NamedTuple, Optional, Union
+from typing import Callable, Iterator, NamedTuple, Optional, Union
 
 import torch
 
@@ -74,16 +74,12 @@ PROBE_STEPS = 8  # decode steps of the warm-up, over which the cache's growth pe
 MEM_SHARE = 0.9  # a GPU row runs when its estimated peak fits in this share of the free memory
 SEED = 0
 PAPER = "paper: SambaY up to 10x a Transformer's decode throughput at 3.8B, 2K prompt + 32K generated, in vLLM"
-EAGER_WHY = (
-    "eager: one model(...) call per token, no CUDA graph and no static cache, because of the model code as it "
-    "stands: (1) KVCache.update grows K,V with torch.cat, so each step's tensors have new shapes and addresses, "
-    "which a CUDA graph fixes at capture; (2) make_step builds the new token's slot (its RoPE position and mask "
-    "index) with torch.arange from the host int cache.seen, which a graph would freeze at its captured value. "
-    "A static cache (K,V preallocated and written in place at a device-side position, attention bounded by a "
-    "device-side length) would lift both; the Mamba decode kernels already run in place without host syncs. "
-    "The concatenation also copies each full-attention layer's K,V once per token: at long lengths a step "
-    "moves about 3x the cache bytes of those layers (cat read + write, attention read) instead of 1x, which "
-    "weighs on the Transformer at every layer and on SambaY at its one full-attention layer.")
+DECODE_STEP = {
+    "cuda": "CUDA graph: each decode step (model + argmax, feeding the next token in place) is one graph "
+            "replay over a static cache (HybridCache with max_len: buffers allocated once, written at slots "
+            "held on the device); prefill and two warm-up steps run eagerly",
+    "cpu": "eager: one model(...) call per token over the growing cache (no CUDA graphs on a CPU)",
+}
 # every row's fields, in order. A skipped or failed row has no measurements (None). peak_bytes: the
 # most allocated on the GPU during the row, weights included (None on a CPU). status: ok, skipped, error.
 FIELDS = ("arch", "preset", "batch", "prompt_len", "params", "status", "generated", "tokens_per_s", "cum_tokens_per_s",
@@ -155,20 +151,55 @@ def checkpoints(gen_len: int) -> list[int]:
     return sorted({max(1, round(f * gen_len)) for f in CHECKPOINTS})
 
 
+def graph_step(model, tokens: torch.Tensor, cache) -> Callable[[], torch.Tensor]:
+    """Capture one decode step in a CUDA graph: the model reads the token buffer, and the argmax is
+    written back into it, so replays chain on the device with no host work. Two eager warm-up steps
+    (real decode steps) run first on a side stream, as torch.cuda.graph asks."""
+    buffer = tokens.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            buffer.copy_(next_token(model, buffer, cache))
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        buffer.copy_(next_token(model, buffer, cache))
+    cache.seen -= 1  # capture records the step without running it; the host counter ran ahead
+
+    def step() -> torch.Tensor:
+        graph.replay()
+        cache.seen += 1
+        return buffer
+    return step
+
+
 def decode(model, prompt: torch.Tensor, gen_len: int, device: torch.device) -> Iterator[dict]:
     """Prefill `prompt` into a fresh cache, then decode gen_len steps, each feeding the last argmax
-    token; yield the measurements at every checkpoint (one host sync each on a GPU)."""
+    token; yield the measurements at every checkpoint (one host sync each on a GPU). On a GPU the
+    cache is static and each step a CUDA-graph replay (its two warm-up steps count as generated)."""
     batch = prompt.shape[0]
     stops = checkpoints(gen_len)
     window = min(WINDOW_STEPS, stops[0])
     marked = {0} | set(stops) | {s - window for s in stops}
     clock = Clock(device)
-    cache = model.new_cache(batch)
+    graphs = device.type == "cuda"
+    cache = model.new_cache(batch, max_len=prompt.shape[1] + gen_len + 1) if graphs else model.new_cache(batch)
     start = clock.mark()
     tokens = next_token(model, prompt, cache)
     marks = {0: clock.mark()}  # step -> timestamp after it; step 0 is the prefill
-    for step in range(1, gen_len + 1):
-        tokens = next_token(model, tokens, cache)
+    first = 1
+    if graphs:
+        step_fn, first = graph_step(model, tokens, cache), 3
+        for s in (1, 2):
+            marks[s] = marks[0]  # the warm-up steps are not timed on their own
+    else:
+        def step_fn() -> torch.Tensor:
+            nonlocal tokens
+            tokens = next_token(model, tokens, cache)
+            return tokens
+    for step in range(first, gen_len + 1):
+        step_fn()
         if step in marked:
             marks[step] = clock.mark()
         if step in stops:
@@ -350,7 +381,7 @@ def meta(device: torch.device, dtype: torch.dtype, sweep: Sweep, archs: list, qu
         "models": {arch: model_sizes(arch, sweep.preset) for arch in archs},
         "prompt_len": sweep.prompt_len, "gen_len": sweep.gen_len, "batch_sizes": list(sweep.batch_sizes),
         "checkpoints": stops, "window_steps": min(WINDOW_STEPS, stops[0]), "quick": quick, "seed": SEED,
-        "decode_step": EAGER_WHY,
+        "decode_step": DECODE_STEP["cuda" if device.type == "cuda" else "cpu"],
         "timing": ("CUDA events between decode steps, one synchronize per checkpoint" if device.type == "cuda"
                    else "perf_counter"),
         "memory_guard": f"rows whose estimated peak exceeds {MEM_SHARE:.0%} of free GPU memory are skipped",
@@ -432,7 +463,7 @@ def run(args: argparse.Namespace) -> int:
                                                indent=1) + "\n")
     print_table(rows)
     title = (f"hybrid-lm decode, {info['device']}, {info['dtype']}, {sweep.preset} models, "
-             f"prompt {sweep.prompt_len}, eager decode step")
+             f"prompt {sweep.prompt_len}, {'CUDA-graph' if device.type == 'cuda' else 'eager'} decode step")
     wrote_png = plot(rows, title, Path(f"{stem}.png"))
     print(f"wrote {stem}.json, {stem}.jsonl"
           + (f", {stem}.png" if wrote_png else " (no PNG: matplotlib missing, or no row ran)"))

@@ -600,7 +600,7 @@ def test_sambay_cached_prefill_runs_cross_decoder_on_last_token(case):
 
 
 def kv_bytes(cache) -> list[int]:
-    return [layer.nbytes() if isinstance(layer, KVCache) else 0 for layer in cache.layers]
+    return [layer.nbytes(cache.seen) if isinstance(layer, KVCache) else 0 for layer in cache.layers]
 
 
 @pytest.mark.parametrize("case", SAMBAY_CASES)
