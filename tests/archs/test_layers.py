@@ -5,7 +5,6 @@ its cached prefill + decode path). The models run on the PyTorch reference kerne
 from __future__ import annotations
 
 import math
-import zlib
 
 import pytest
 import torch
@@ -16,17 +15,6 @@ from hybrid_lm.archs.cache import HybridCache
 from hybrid_lm.archs.layers import GMU, MLP, Attention, Mamba, Step
 
 ATOL = 1e-5
-
-
-@pytest.fixture(autouse=True)
-def _seed_and_threads(request):
-    """Fresh random inputs per test, reproducible from the test's id; one intra-op thread (tiny
-    tensors: more threads only spin, and slow to a crawl when the cores are shared)."""
-    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def d64(t: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,6 @@ import os
 import subprocess
 import sys
 import time
-import zlib
 
 import pytest
 import torch
@@ -37,17 +36,6 @@ SAMBAY_CASES = ("sambay", "sambay-da", "sambay-da-phi4style")
 DEPTHS = [f"d{d}" for d in range(8, 25, 2)]
 ATOL = 5e-5  # fp32 logits of unit scale: the fp32 full forward itself is ~2e-5 from float64
 PAD = 0
-
-
-@pytest.fixture(autouse=True)
-def _seed_and_threads(request):
-    """Fresh random inputs per test, reproducible from the test's id; one intra-op thread (tiny
-    tensors: more threads only spin, and slow to a crawl when the cores are shared)."""
-    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @functools.lru_cache(maxsize=None)
