@@ -41,7 +41,9 @@ class Step:
     position ids of the new tokens (for RoPE and LRT's subsets); cache: the cache being filled,
     or None; memory: the GMU memory, set by SambaY's memory layer; shared_kv: (k, v, key slots)
     of SambaY's full-attention layer, which its cross-attention layers read (never copy);
-    last_only: SambaY prefill, where the cross-decoder runs on the last token only.
+    last_only: SambaY prefill, where the cross-decoder runs on the last token only; cu_seqlens
+    (int32 [N+1]) and docs ([1, T] document id per token): a packed batch of N documents (batch
+    size 1, no cache), attention stays within a document and Mamba restarts its state at each.
     """
     slots: Tensor
     valid: Optional[Tensor]
@@ -50,6 +52,8 @@ class Step:
     memory: Optional[Tensor] = None
     shared_kv: Optional[tuple[Tensor, Tensor, Tensor]] = None
     last_only: bool = False
+    cu_seqlens: Optional[Tensor] = None
+    docs: Optional[Tensor] = None
 
     def new_valid(self) -> Optional[Tensor]:
         """[B, T] validity of the new tokens, or None without padding."""
@@ -85,7 +89,8 @@ def rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
-def attention_mask(q_slots: Tensor, k_slots: Tensor, valid: Optional[Tensor], window: Optional[int]) -> Tensor:
+def attention_mask(q_slots: Tensor, k_slots: Tensor, valid: Optional[Tensor], window: Optional[int],
+                   docs: Optional[Tensor] = None) -> Tensor:
     """[B or 1, 1, Tq, Tk] bool: key j is visible to query i (causal, in the window, a real token).
 
     k_slots may hold -1 for an empty entry of a static cache's ring buffer. A query always sees
@@ -98,6 +103,8 @@ def attention_mask(q_slots: Tensor, k_slots: Tensor, valid: Optional[Tensor], wi
         mask = (mask[None] & valid[:, None, k_slots.clamp(min=0)]) | (diff == 0)[None]
     else:
         mask = mask[None]
+    if docs is not None:  # a packed batch: keys of the query's own document only
+        mask = mask & (docs[:, q_slots, None] == docs[:, None, k_slots])
     return mask[:, None]
 
 
@@ -110,11 +117,11 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: Optio
     return o.transpose(1, 2)
 
 
-def use_flash(q: Tensor, v: Tensor, valid: Optional[Tensor]) -> bool:
+def use_flash(q: Tensor, v: Tensor, valid: Optional[Tensor], docs: Optional[Tensor] = None) -> bool:
     """flash-attn serves half-precision CUDA attention without padding (its causal mask is
     aligned bottom-right: our queries are always the last slots of their keys)."""
     return (flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-            and valid is None and q.shape[-1] == v.shape[-1])
+            and valid is None and docs is None and q.shape[-1] == v.shape[-1])
 
 
 class DifferentialCore(nn.Module):
@@ -178,16 +185,16 @@ class Attention(nn.Module):
         return t
 
     def core(self, q: Tensor, k: Tensor, v: Tensor, q_slots: Tensor, k_slots: Tensor, valid: Optional[Tensor],
-             window: Optional[int]) -> Tensor:
+             window: Optional[int], docs: Optional[Tensor] = None) -> Tensor:
         """Attention of the queries at q_slots over the keys at k_slots (causal, window, padding);
         differential or plain; returns [B, Tq, H * Dh]."""
         if hasattr(self, "inner_cross_attn"):
-            return self.inner_cross_attn(q, k, v, attention_mask(q_slots, k_slots, valid, window)).flatten(2)
-        if use_flash(q, v, valid):
+            return self.inner_cross_attn(q, k, v, attention_mask(q_slots, k_slots, valid, window, docs)).flatten(2)
+        if use_flash(q, v, valid, docs):
             return flash_attn_func(q, k, v, causal=True, window_size=(-1, 0) if window is None else (window - 1, 0)
                                    ).flatten(2)
-        plain_causal = valid is None and window is None and q.shape[1] == k.shape[1]
-        mask = None if plain_causal else attention_mask(q_slots, k_slots, valid, window)
+        plain_causal = valid is None and docs is None and window is None and q.shape[1] == k.shape[1]
+        mask = None if plain_causal else attention_mask(q_slots, k_slots, valid, window, docs)
         return attend(q, k, v, mask).flatten(2)
 
     def forward(self, x: Tensor, step: Step) -> Tensor:
@@ -203,13 +210,13 @@ class Attention(nn.Module):
         if step.last_only:  # SambaY's shared layer in prefill: K,V for all tokens, output for the last
             q_slots, xq, positions = step.slots[-1:], x[:, -1:], step.positions[:, -1:]
         q = self._q(xq, positions)
-        return self.out_proj(self.core(q, k, v, q_slots, k_slots, step.valid, self.window))
+        return self.out_proj(self.core(q, k, v, q_slots, k_slots, step.valid, self.window, step.docs))
 
     def _cross(self, x: Tensor, step: Step) -> Tensor:
         k, v, k_slots = step.shared_kv
         q_slots = step.slots[-x.shape[1]:]  # the last token only in prefill, else every new token
         q = self._q(x, step.positions[:, -x.shape[1]:])
-        return self.out_proj(self.core(q, k, v, q_slots, k_slots, step.valid, None))
+        return self.out_proj(self.core(q, k, v, q_slots, k_slots, step.valid, None, step.docs))
 
 
 class Mamba(nn.Module):
@@ -242,7 +249,7 @@ class Mamba(nn.Module):
             u, conv_final = K.causal_conv1d(x, weight, self.conv1d.bias, "silu", state.conv, True)
             state.conv.copy_(conv_final)
         else:
-            u = K.causal_conv1d(x, weight, self.conv1d.bias, "silu")
+            u = K.causal_conv1d(x, weight, self.conv1d.bias, "silu", cu_seqlens=step.cu_seqlens)
         if valid is not None:
             u = u * valid[..., None]
         dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
@@ -257,7 +264,7 @@ class Mamba(nn.Module):
             y, ssm_final = K.selective_scan(u, delta, A, B, C, D, gate, bias, True, state.ssm, True)
             state.ssm.copy_(ssm_final)
         else:
-            y = K.selective_scan(u, delta, A, B, C, D, gate, bias, True)
+            y = K.selective_scan(u, delta, A, B, C, D, gate, bias, True, cu_seqlens=step.cu_seqlens)
         if not return_memory:
             return self.out_proj(y)
         return self.out_proj(y * F.silu(z)), y

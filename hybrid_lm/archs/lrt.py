@@ -339,6 +339,9 @@ class LRTForCausalLM(HybridPreTrainedModel, GenerationMixin):
         (LRTOutput.passes)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids: expected shape [B, T], got {list(input_ids.shape)}")
+        if kwargs.get("cu_seqlens") is not None:
+            raise ValueError("cu_seqlens: LRT's interleaved schedule does not take packed documents yet: "
+                             "pass one document per row (attention_mask for padding)")
         B, T = input_ids.shape
         cache = past_key_values
         if cache is None and (use_cache or exact_recurrence):

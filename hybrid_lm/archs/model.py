@@ -107,9 +107,12 @@ class HybridPreTrainedModel(PreTrainedModel, GenerationMixin):
         return HybridCache(self.cache_kinds(), batch, c.mamba_d_inner, c.mamba_d_conv, c.mamba_d_state,
                            self.model.embed_tokens.weight.device, max_len, windows)
 
-    def make_step(self, input_ids: Tensor, attention_mask: Optional[Tensor], cache: Optional[HybridCache]) -> Step:
+    def make_step(self, input_ids: Tensor, attention_mask: Optional[Tensor], cache: Optional[HybridCache],
+                  cu_seqlens: Optional[Tensor] = None) -> Step:
         """Slots, validity and position ids of the new tokens; records validity in the cache."""
         B, T = input_ids.shape
+        if cu_seqlens is not None:
+            return self._packed_step(input_ids, attention_mask, cache, cu_seqlens)
         seen = 0 if cache is None else cache.seen
         dev = input_ids.device
         if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape[0] != B):
@@ -138,6 +141,25 @@ class HybridPreTrainedModel(PreTrainedModel, GenerationMixin):
         return Step(slots=slots, valid=valid, positions=positions, cache=cache)
 
     @staticmethod
+    def _packed_step(input_ids: Tensor, attention_mask: Optional[Tensor], cache: Optional[HybridCache],
+                     cu_seqlens: Tensor) -> Step:
+        """make_step for a packed batch of documents (training): position ids restart at each."""
+        B, T = input_ids.shape
+        if cache is not None or attention_mask is not None or B != 1:
+            raise ValueError(f"cu_seqlens: a packed batch has batch size 1, no attention_mask and no cache; "
+                             f"got input_ids {list(input_ids.shape)}, attention_mask "
+                             f"{None if attention_mask is None else list(attention_mask.shape)}, "
+                             f"cache {'given' if cache is not None else None}")
+        if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32 or cu_seqlens.numel() < 2:
+            raise ValueError(f"cu_seqlens: expected int32 [N+1] document offsets into T={T}, "
+                             f"got {cu_seqlens.dtype} {list(cu_seqlens.shape)}")
+        slots = torch.arange(T, device=input_ids.device)
+        cu = cu_seqlens.to(input_ids.device)
+        docs = torch.searchsorted(cu, slots.to(cu.dtype), right=True) - 1  # [T] document of each token
+        positions = slots - cu[docs.clamp(min=0)].long()
+        return Step(slots=slots, valid=None, positions=positions[None], cu_seqlens=cu, docs=docs[None])
+
+    @staticmethod
     def _static_step(T: int, attention_mask: Optional[Tensor], cache: HybridCache) -> Step:
         """make_step for a static cache: every value comes from device tensors updated in place, so a
         captured decode step replays correctly (no Python int turns into a tensor here)."""
@@ -158,15 +180,16 @@ class HybridPreTrainedModel(PreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, labels: Optional[Tensor] = None,
                 past_key_values: Optional[HybridCache] = None, use_cache: Optional[bool] = None,
-                logits_to_keep: int = 0, **kwargs) -> CausalLMOutputWithPast:
+                logits_to_keep: int = 0, cu_seqlens: Optional[Tensor] = None, **kwargs) -> CausalLMOutputWithPast:
         """Logits for every position (the last `logits_to_keep` if given) and, with labels, the
         next-token loss (labels are shifted inside; -100 is ignored). With a cache (or
-        use_cache=True) the new tokens continue the cached sequence."""
+        use_cache=True) the new tokens continue the cached sequence. cu_seqlens (int32 [N+1],
+        input_ids [1, T]): a packed batch of documents that do not see each other (training)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids: expected shape [B, T], got {list(input_ids.shape)}")
         if past_key_values is None and use_cache:
             past_key_values = self.new_cache(input_ids.shape[0])
-        step = self.make_step(input_ids, attention_mask, past_key_values)
+        step = self.make_step(input_ids, attention_mask, past_key_values, cu_seqlens)
         h = self.model.embed_tokens(input_ids)
         if self.config.residual_in_fp32:
             h = h.float()
