@@ -7,8 +7,9 @@ from typing import Optional, Sequence
 
 import hybrid_lm
 
-# `hybrid-lm bench NAME` runs module hybrid_lm.bench.NAME, which provides add_arguments(parser)
-# and run(args) -> exit code.
+# Each command's module provides add_arguments(parser) and run(args) -> exit code.
+COMMANDS = {"pretrain": ("hybrid_lm.train.pretrain", "pretrain a model (default: a tiny SambaY on the embedded corpus)")}
+# `hybrid-lm bench NAME` runs module hybrid_lm.bench.NAME
 BENCHMARKS = {
     "kernels": "time every kernel against the PyTorch reference and installed baselines",
     "decode": "tokens per second and cache bytes versus generation length, per architecture",
@@ -19,6 +20,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hybrid-lm", description=hybrid_lm.__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"hybrid-lm {hybrid_lm.__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        sub = commands.add_parser(name, help=help_text, description=module.__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(sub)
+        sub.set_defaults(run=module.run)
     bench = commands.add_parser("bench", help="run a benchmark (prints a table, writes JSON and a PNG)")
     benches = bench.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
     for name, help_text in BENCHMARKS.items():

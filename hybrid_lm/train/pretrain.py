@@ -1,0 +1,379 @@
+"""Pretraining: `hybrid-lm pretrain`, or `torchrun --nproc_per_node=N -m hybrid_lm.train.pretrain`.
+
+With no arguments it trains a tiny SambaY on the embedded corpus (the standard library's own
+source) with a byte-level BPE trained on it, shows a falling loss within minutes on a CPU and
+prints a short sample. Rows are packed documents (cu_seqlens: Mamba restarts and attention stays
+inside a document); LRT trains one row per sequence with its interleaved passes.
+
+Output (--out): an HF model directory (config.json, model.safetensors, tokenizer files) that
+AutoModelForCausalLM loads, trainer_state.pt (optimizer, data position, RNG, step; written to a
+temp file then renamed, so a run killed at any moment resumes from its last checkpoint),
+metrics.jsonl (one row per logged step: step, loss, lr, tokens_per_s, mfu; validation rows add
+val_loss and val_bpb) and loss.png. Under torchrun every rank trains (DDP, or FSDP2 with --fsdp;
+gloo on CPU, nccl on GPU) and only rank 0 writes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import hybrid_lm
+from hybrid_lm.archs.config import ARCHS, PRESETS
+
+from . import data, optim
+
+STATE_FILE = "trainer_state.pt"
+# peak dense bf16 FLOP/s of the GPUs we know, for MFU (None elsewhere: no meaningful peak)
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+# ---------------------------------------------------------------------------------------------
+# setup
+# ---------------------------------------------------------------------------------------------
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device); initialises torch.distributed when launched by torchrun."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return rank, world, device
+
+
+def barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def peak_flops(device: torch.device) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def flops_per_token(model: torch.nn.Module, seq_len: int, passes: int) -> float:
+    """6 N per token for the matmuls (forward + backward) plus the attention scores, times the
+    number of passes a token goes through (LRT: 1 + its refinement pass, all counted)."""
+    cfg = model.config
+    n = sum(p.numel() for name, p in model.named_parameters() if "embed_tokens" not in name)
+    attention = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len / 2
+    return (6 * n + attention) * passes
+
+
+def build_model(args, tokenizer, device: torch.device):
+    overrides = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,
+                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
+                     max_position_embeddings=max(args.seq_len, 2048))
+    if args.arch == "lrt":
+        overrides["lrt_subsets"] = args.lrt_subsets
+    cfg = hybrid_lm.config(args.arch, args.preset, **overrides)
+    return hybrid_lm.build(cfg).to(device)
+
+
+def wrap(model: torch.nn.Module, world: int, fsdp: bool, device: torch.device) -> torch.nn.Module:
+    """DDP or FSDP2 under torchrun; the bare model in one process."""
+    if world == 1:
+        return model
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+        for layer in model.model.layers:
+            fully_shard(layer)
+        return fully_shard(model)
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# one step
+# ---------------------------------------------------------------------------------------------
+
+def token_losses(model, inputs: torch.Tensor, targets: torch.Tensor, cu_seqlens: list) -> torch.Tensor:
+    """Next-token loss of every position [B, T]. Rows run as one packed sequence of documents
+    (batch size 1 with cu_seqlens), except LRT's, which run one row per sequence."""
+    B, T = inputs.shape
+    if is_lrt(model):
+        logits = model(inputs).logits
+    else:
+        cu = data.pack_cu_seqlens(cu_seqlens, T).to(inputs.device)
+        logits = model(inputs.reshape(1, B * T), cu_seqlens=cu).logits.view(B, T, -1)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view(B, T)
+
+
+def batch_loss(model, inputs: torch.Tensor, targets: torch.Tensor, cu_seqlens: list) -> torch.Tensor:
+    """The training loss of one batch: mean next-token loss; for LRT the mean of its interleaved
+    passes' losses (the row of inputs plus its last target runs the schedule with labels)."""
+    if is_lrt(model):
+        row = torch.cat([inputs, targets[:, -1:]], dim=1)
+        return model(row, labels=row).loss
+    return token_losses(model, inputs, targets, cu_seqlens).mean()
+
+
+def is_lrt(model) -> bool:
+    return unwrap(model).config.arch == "lrt"
+
+
+def unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, documents, seq_len: int, device: torch.device, max_batches: int,
+             batch_size: int) -> tuple[float, float]:
+    """(mean validation loss in nats per token, bits per byte over the text targets), from the
+    first max_batches batches of the validation split in order."""
+    model.eval()
+    rows = data.PackedRows(documents, tokenizer, seq_len, shuffle=False, repeat=False)
+    byte_lengths = data.token_byte_lengths(tokenizer).to(device)
+    nats = text_nats = 0.0
+    tokens = nbytes = 0
+    for _ in range(max_batches):
+        try:
+            inputs, targets, cu = rows.batch(batch_size)
+        except StopIteration:
+            break
+        inputs, targets = inputs.to(device), targets.to(device)
+        loss = token_losses(model, inputs, targets, cu)
+        lengths = byte_lengths[targets]
+        nats += loss.sum().item()
+        tokens += loss.numel()
+        text_nats += loss[lengths > 0].sum().item()
+        nbytes += int(lengths.sum())
+    model.train()
+    if tokens == 0:
+        raise ValueError("validation split is empty: give more validation data or a shorter --seq-len")
+    return nats / tokens, data.bits_per_byte(text_nats, nbytes)
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+# ---------------------------------------------------------------------------------------------
+
+def save(out: Path, model, tokenizer, optimizer, rows_iter, step: int, metrics_rows: int) -> None:
+    """The HF model directory, then trainer state written atomically (temp file + rename)."""
+    model = unwrap(model)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    state = {"step": step, "optimizer": optimizer.state_dict(), "data": rows_iter.state_dict(),
+             "rng": torch.get_rng_state(), "metrics_rows": metrics_rows, "arch": model.config.arch}
+    tmp = out / (STATE_FILE + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, out / STATE_FILE)
+
+
+def load_state(out: Path, arch: str) -> dict:
+    """Trainer state of a checkpoint, refused with a clear error when missing, corrupt or made
+    for another architecture."""
+    path = out / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: no {STATE_FILE} in {out} (not a hybrid-lm training checkpoint)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, garbage, or not a torch file
+        raise ValueError(f"--resume: {path} is corrupt or not a trainer state: {e}") from e
+    if state.get("arch") != arch:
+        raise ValueError(f"--resume: {path} was written for arch {state.get('arch')!r}, not {arch!r}")
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arch", default="sambay", choices=ARCHS)
+    parser.add_argument("--preset", default="tiny", choices=PRESETS)
+    parser.add_argument("--data", default=None, help="text/jsonl/parquet file or folder, or a datasets name "
+                        "(default: the embedded standard-library corpus)")
+    parser.add_argument("--tokenizer", default=None, help="HF tokenizer path or name (default: train a "
+                        "byte-level BPE of --vocab-size on the training data)")
+    parser.add_argument("--vocab-size", type=int, default=4096)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=8, help="rows per step per process")
+    parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument("--max-steps", type=int, default=300)
+    parser.add_argument("--stop-at", type=int, default=None, help="stop after this step (the schedule still "
+                        "spans --max-steps): a time-boxed job, resumed later with --resume")
+    parser.add_argument("--tokens", type=int, default=None, help="train on this many tokens (overrides --max-steps)")
+    parser.add_argument("--lr", type=float, default=1.0, help="multiplier of the optimizer's base learning rates")
+    parser.add_argument("--optimizer", default="muon", choices=("muon", "adamw"))
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--lrt-subsets", type=int, default=2)
+    parser.add_argument("--fsdp", action="store_true", help="FSDP2 instead of DDP under torchrun")
+    parser.add_argument("--out", default="runs/pretrain")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--eval-batches", type=int, default=8, help="validation batches per evaluation")
+    parser.add_argument("--save-every", type=int, default=100)
+    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sample", type=int, default=64, help="tokens of the sample printed at the end (0: none)")
+
+
+def run(args: argparse.Namespace) -> int:
+    rank, world, device = setup_distributed()
+    out = Path(args.out)
+    torch.manual_seed(args.seed)
+    main_rank = rank == 0
+    if main_rank:
+        out.mkdir(parents=True, exist_ok=True)
+
+    train_docs = data.load_documents(args.data, "train")
+    val_docs = data.load_documents(args.data, "val")
+    if args.resume or args.tokenizer:
+        tokenizer = data.load_tokenizer(out if args.resume else args.tokenizer)
+    else:
+        if main_rank:  # one rank trains it, the others read it back: identical everywhere
+            data.train_tokenizer(train_docs, args.vocab_size).save_pretrained(out)
+        barrier(world)
+        tokenizer = data.load_tokenizer(out)
+
+    model = build_model(args, tokenizer, device)
+    state = load_state(out, model.config.arch) if args.resume else None
+    if state is not None:
+        model.load_state_dict(type(model).from_pretrained(out).state_dict())
+    model.train()
+    net = wrap(model, world, args.fsdp, device)
+    optimizer = optim.build_optimizer(net, args.optimizer, args.lr)
+    rows_iter = data.PackedRows(train_docs, tokenizer, args.seq_len, rank=rank, world_size=world, seed=args.seed)
+    tokens_per_step = args.batch_size * args.grad_accum * args.seq_len * world
+    total = args.max_steps if args.tokens is None else math.ceil(args.tokens / tokens_per_step)
+    start, metrics_rows = 0, 0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        rows_iter.load_state_dict(state["data"])
+        torch.set_rng_state(state["rng"])
+        start, metrics_rows = state["step"], state["metrics_rows"]
+
+    passes = 1 + (1 if model.config.arch == "lrt" else 0)  # LRT: pass 0 plus one refinement per token
+    flops = flops_per_token(model, args.seq_len, passes)
+    peak = peak_flops(device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    metrics_path = out / "metrics.jsonl"
+    if main_rank:  # a resumed run keeps the rows up to its checkpoint, dropping any logged after it
+        kept = metrics_path.read_text().splitlines()[:metrics_rows] if state is not None and metrics_path.exists() else []
+        metrics_path.write_text("".join(line + "\n" for line in kept))
+    stop = total if args.stop_at is None else min(total, args.stop_at)
+    bar = progress(range(start, stop), main_rank, initial=start, total=total)
+    clock, logged = time.perf_counter(), start
+    for step in bar:
+        optimizer.lr_scale(optim.wsd_schedule(step, total, args.warmup))
+        loss_sum = torch.zeros((), device=device)
+        for _ in range(args.grad_accum):
+            inputs, targets, cu = rows_iter.batch(args.batch_size)
+            with autocast:
+                loss = batch_loss(net, inputs.to(device), targets.to(device), cu) / args.grad_accum
+            loss.backward()
+            loss_sum += loss.detach()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        if done % args.log_every == 0 or done == stop or done % args.eval_every == 0:
+            if world > 1:  # the loss of the global batch
+                dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
+                loss_sum /= world
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            tps = tokens_per_step * (done - logged) / (time.perf_counter() - clock)
+            row = {"step": done, "loss": float(loss_sum), "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": round(tps, 1),
+                   "mfu": None if peak is None else round(tps * flops / (peak * world), 4)}
+            if done % args.eval_every == 0 or done == stop:
+                row["val_loss"], row["val_bpb"] = evaluate(unwrap(net), tokenizer, val_docs, args.seq_len, device,
+                                                           args.eval_batches, args.batch_size)
+            if main_rank:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                metrics_rows += 1
+                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tps:.0f}")
+            clock, logged = time.perf_counter(), done  # evaluation time is not training time
+        if done % args.save_every == 0 or done == stop:
+            if main_rank:
+                save(out, net, tokenizer, optimizer, rows_iter, done, metrics_rows)
+            barrier(world)
+    if main_rank:
+        plot_loss(metrics_path, out / "loss.png")
+        if args.sample and stop == total:
+            print(sample(unwrap(net), tokenizer, device, args.sample))
+    if world > 1:
+        dist.destroy_process_group()
+    return 0
+
+
+def progress(steps: range, show: bool, initial: int, total: int):
+    """A tqdm bar on rank 0 (plain iteration elsewhere, or without tqdm)."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _Quiet(steps)
+    return tqdm(steps, initial=initial, total=total, disable=not show, unit="step")
+
+
+class _Quiet:
+    def __init__(self, steps):
+        self.steps = steps
+
+    def __iter__(self):
+        return iter(self.steps)
+
+    def set_postfix(self, **kwargs) -> None:
+        pass
+
+
+def plot_loss(metrics: Path, path: Path) -> None:
+    """Training loss (and validation loss where measured) against step; skipped without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss")
+    val = [r for r in rows if "val_loss" in r]
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("nats per token")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def sample(model, tokenizer, device: torch.device, n: int) -> str:
+    """A short greedy continuation of a fixed prompt, to see what the model learned."""
+    model.eval()
+    prompt = "def "
+    ids = torch.tensor([tokenizer.encode(prompt)], device=device)
+    out = model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=None,
+                         pad_token_id=tokenizer.eos_token_id)
+    return prompt + tokenizer.decode(out[0, ids.shape[1]:].tolist())
+
+
+def main(argv: Optional[list] = None) -> int:
+    parser = argparse.ArgumentParser(prog="hybrid-lm pretrain", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
