@@ -12,7 +12,6 @@ cache. Slots count tokens fed to the model, padding included; positions count re
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -32,9 +31,11 @@ from .config import HybridConfig
 Tensor = torch.Tensor
 
 
-@dataclass
 class Step:
     """What every layer needs to know about one forward call.
+
+    A plain object, not a dataclass: wrappers such as FSDP2 copy dataclass arguments on their way
+    into a layer, and layers write into the step (shared_kv) for the layers after them.
 
     slots: [T] slot index of each new token; valid: [B, S] True where slot s holds a real token,
     for every slot so far (S = slots[-1] + 1), or None when nothing is padded; positions: [B, T]
@@ -45,15 +46,15 @@ class Step:
     (int32 [N+1]) and docs ([1, T] document id per token): a packed batch of N documents (batch
     size 1, no cache), attention stays within a document and Mamba restarts its state at each.
     """
-    slots: Tensor
-    valid: Optional[Tensor]
-    positions: Tensor
-    cache: Optional[HybridCache] = None
-    memory: Optional[Tensor] = None
-    shared_kv: Optional[tuple[Tensor, Tensor, Tensor]] = None
-    last_only: bool = False
-    cu_seqlens: Optional[Tensor] = None
-    docs: Optional[Tensor] = None
+
+    def __init__(self, slots: Tensor, valid: Optional[Tensor], positions: Tensor,
+                 cache: Optional[HybridCache] = None, cu_seqlens: Optional[Tensor] = None,
+                 docs: Optional[Tensor] = None) -> None:
+        self.slots, self.valid, self.positions, self.cache = slots, valid, positions, cache
+        self.cu_seqlens, self.docs = cu_seqlens, docs
+        self.memory: Optional[Tensor] = None
+        self.shared_kv: Optional[tuple[Tensor, Tensor, Tensor]] = None
+        self.last_only = False
 
     def new_valid(self) -> Optional[Tensor]:
         """[B, T] validity of the new tokens, or None without padding."""

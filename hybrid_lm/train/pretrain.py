@@ -26,6 +26,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed.tensor import DTensor
 
 import hybrid_lm
 from hybrid_lm.archs.config import ARCHS, PRESETS
@@ -162,16 +165,41 @@ def evaluate(model, tokenizer, documents, seq_len: int, device: torch.device, ma
 # checkpoints
 # ---------------------------------------------------------------------------------------------
 
-def save(out: Path, model, tokenizer, optimizer, rows_iter, step: int, metrics_rows: int) -> None:
-    """The HF model directory, then trainer state written atomically (temp file + rename)."""
+def full_states(model, optimizer) -> tuple[Optional[dict], dict]:
+    """(model state dict or None for a plain model, optimizer state) as one process would hold
+    them. Under FSDP2 every rank must call this: it all-gathers the shards."""
+    if not any(isinstance(p, DTensor) for p in model.parameters()):
+        return None, optimizer.state_dict()
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=options)
+    opt = {name: get_optimizer_state_dict(model, o, options=options) for name, o in optimizer.optimizers.items()}
+    return weights, opt
+
+
+def save(out: Path, model, tokenizer, optimizer, rows_iter, step: int, metrics_rows: int, main_rank: bool) -> None:
+    """The HF model directory, then trainer state written atomically (temp file + rename); every
+    rank calls it (FSDP2 gathers), only the main rank writes."""
+    weights, opt_state = full_states(model, optimizer)
+    if not main_rank:
+        return
     model = unwrap(model)
-    model.save_pretrained(out)
+    model.save_pretrained(out, state_dict=weights)
     tokenizer.save_pretrained(out)
-    state = {"step": step, "optimizer": optimizer.state_dict(), "data": rows_iter.state_dict(),
+    state = {"step": step, "optimizer": opt_state, "data": rows_iter.state_dict(),
              "rng": torch.get_rng_state(), "metrics_rows": metrics_rows, "arch": model.config.arch}
     tmp = out / (STATE_FILE + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, out / STATE_FILE)
+
+
+def load_optimizer(model, optimizer, state: dict) -> None:
+    """Restore optimizer state saved by save(); under FSDP2 each rank takes its shards."""
+    if not any(isinstance(p, DTensor) for p in model.parameters()):
+        optimizer.load_state_dict(state)
+        return
+    options = StateDictOptions(full_state_dict=True)
+    for name, o in optimizer.optimizers.items():
+        set_optimizer_state_dict(model, o, state[name], options=options)
 
 
 def load_state(out: Path, arch: str) -> dict:
@@ -201,10 +229,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", default=None, help="HF tokenizer path or name (default: train a "
                         "byte-level BPE of --vocab-size on the training data)")
     parser.add_argument("--vocab-size", type=int, default=4096)
-    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8, help="rows per step per process")
     parser.add_argument("--grad-accum", type=int, default=1)
-    parser.add_argument("--max-steps", type=int, default=300)
+    parser.add_argument("--max-steps", type=int, default=200)
     parser.add_argument("--stop-at", type=int, default=None, help="stop after this step (the schedule still "
                         "spans --max-steps): a time-boxed job, resumed later with --resume")
     parser.add_argument("--tokens", type=int, default=None, help="train on this many tokens (overrides --max-steps)")
@@ -215,7 +243,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fsdp", action="store_true", help="FSDP2 instead of DDP under torchrun")
     parser.add_argument("--out", default="runs/pretrain")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--eval-batches", type=int, default=8, help="validation batches per evaluation")
     parser.add_argument("--save-every", type=int, default=100)
     parser.add_argument("--log-every", type=int, default=10)
@@ -253,7 +281,7 @@ def run(args: argparse.Namespace) -> int:
     total = args.max_steps if args.tokens is None else math.ceil(args.tokens / tokens_per_step)
     start, metrics_rows = 0, 0
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer(net, optimizer, state["optimizer"])
         rows_iter.load_state_dict(state["data"])
         torch.set_rng_state(state["rng"])
         start, metrics_rows = state["step"], state["metrics_rows"]
@@ -301,13 +329,14 @@ def run(args: argparse.Namespace) -> int:
                 bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tps:.0f}")
             clock, logged = time.perf_counter(), done  # evaluation time is not training time
         if done % args.save_every == 0 or done == stop:
-            if main_rank:
-                save(out, net, tokenizer, optimizer, rows_iter, done, metrics_rows)
+            save(out, net, tokenizer, optimizer, rows_iter, done, metrics_rows, main_rank)
             barrier(world)
     if main_rank:
         plot_loss(metrics_path, out / "loss.png")
-        if args.sample and stop == total:
-            print(sample(unwrap(net), tokenizer, device, args.sample))
+    if args.sample and stop == total:  # every rank generates (FSDP2 gathers), the main one prints
+        text = sample(unwrap(net), tokenizer, device, args.sample)
+        if main_rank:
+            print(text)
     if world > 1:
         dist.destroy_process_group()
     return 0

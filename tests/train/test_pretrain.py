@@ -67,13 +67,14 @@ def test_stop_and_resume_reproduces_losses(tmp_path, tokenizer_dir, arch):
     assert losses(part) == losses(whole)
 
 
-def test_two_processes_equal_one(tmp_path, tokenizer_dir):
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_two_processes_equal_one(tmp_path, tokenizer_dir, sharding):
     common = [*SMALL[:2], "--seq-len", "64", "--eval-batches", "2", "--sample", "0", "--warmup", "2",
               "--log-every", "1", "--arch", "sambay", "--tokenizer", tokenizer_dir, "--max-steps", "6",
               "--eval-every", "100"]
     one, two = tmp_path / "one", tmp_path / "two"
     pretrain(*common, "--batch-size", "4", "--out", str(one))
-    pretrain(*common, "--batch-size", "2", "--out", str(two), nproc=2)
+    pretrain(*common, "--batch-size", "2", "--out", str(two), *(["--fsdp"] if sharding == "fsdp" else []), nproc=2)
     assert losses(two) == pytest.approx(losses(one), rel=1e-4)
 
 
