@@ -8,9 +8,9 @@ inside a document); LRT trains one row per sequence with its interleaved passes.
 Output (--out): an HF model directory (config.json, model.safetensors, tokenizer files) that
 AutoModelForCausalLM loads, trainer_state.pt (optimizer, data position, RNG, step; written to a
 temp file then renamed, so a run killed at any moment resumes from its last checkpoint),
-metrics.jsonl (one row per logged step: step, loss, lr, tokens_per_s, mfu; validation rows add
-val_loss and val_bpb) and loss.png. Under torchrun every rank trains (DDP, or FSDP2 with --fsdp;
-gloo on CPU, nccl on GPU) and only rank 0 writes.
+metrics.jsonl (one row per logged step: step, loss (the mean since the previous row), lr,
+tokens_per_s, mfu; validation rows add val_loss and val_bpb) and loss.png. Under torchrun every
+rank trains (DDP, or FSDP2 with --fsdp; gloo on CPU, nccl on GPU) and only rank 0 writes.
 """
 from __future__ import annotations
 
@@ -297,6 +297,7 @@ def run(args: argparse.Namespace) -> int:
     stop = total if args.stop_at is None else min(total, args.stop_at)
     bar = progress(range(start, stop), main_rank, initial=start, total=total)
     clock, logged = time.perf_counter(), start
+    interval_loss = torch.zeros((), device=device)  # summed over the steps since the last log row
     for step in bar:
         optimizer.lr_scale(optim.wsd_schedule(step, total, args.warmup))
         loss_sum = torch.zeros((), device=device)
@@ -309,15 +310,16 @@ def run(args: argparse.Namespace) -> int:
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        interval_loss += loss_sum
         done = step + 1
         if done % args.log_every == 0 or done == stop or done % args.eval_every == 0:
             if world > 1:  # the loss of the global batch
-                dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
-                loss_sum /= world
+                dist.all_reduce(interval_loss, op=dist.ReduceOp.SUM)
+                interval_loss /= world
             if device.type == "cuda":
                 torch.cuda.synchronize()
             tps = tokens_per_step * (done - logged) / (time.perf_counter() - clock)
-            row = {"step": done, "loss": float(loss_sum), "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": round(tps, 1),
+            row = {"step": done, "loss": float(interval_loss) / (done - logged), "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": round(tps, 1),
                    "mfu": None if peak is None else round(tps * flops / (peak * world), 4)}
             if done % args.eval_every == 0 or done == stop:
                 row["val_loss"], row["val_bpb"] = evaluate(unwrap(net), tokenizer, val_docs, args.seq_len, device,
@@ -328,6 +330,7 @@ def run(args: argparse.Namespace) -> int:
                 metrics_rows += 1
                 bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tps:.0f}")
             clock, logged = time.perf_counter(), done  # evaluation time is not training time
+            interval_loss.zero_()
         if done % args.save_every == 0 or done == stop:
             save(out, net, tokenizer, optimizer, rows_iter, done, metrics_rows, main_rank)
             barrier(world)

@@ -214,9 +214,7 @@ FSDP_WORKER = textwrap.dedent("""
     open(os.path.join(sys.argv[1], f"started{rank}"), "w").close()
     mesh = init_device_mesh("cpu", (2,))
     torch.manual_seed(0)
-    # samba (Mamba, attention, MLP): SambaY's layers pass state to each other by mutating their
-    # Step argument, which FSDP2's per-module hooks copy (dataclasses.replace) - a model matter.
-    ref = hybrid_lm.build(hybrid_lm.config("samba", "tiny"))
+    ref = hybrid_lm.build(hybrid_lm.config("sambay", "tiny"))
     model, init = copy.deepcopy(ref), copy.deepcopy(ref)
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh)
