@@ -8,7 +8,6 @@ sub-layer moves the logits and a bug in one of them shows.
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
 import subprocess
@@ -36,21 +35,6 @@ SAMBAY_CASES = ("sambay", "sambay-da", "sambay-da-phi4style")
 DEPTHS = [f"d{d}" for d in range(8, 25, 2)]
 ATOL = 5e-5  # fp32 logits of unit scale: the fp32 full forward itself is ~2e-5 from float64
 PAD = 0
-
-
-@functools.lru_cache(maxsize=None)
-def lrt_unavailable() -> str | None:
-    """Why the tiny LRT cannot be built yet, or None when it can."""
-    try:
-        hybrid_lm.build(hybrid_lm.config("lrt"))
-    except Exception as e:  # noqa: BLE001 - any failure means "not there yet"
-        return f"{type(e).__name__}: {e}"
-    return None
-
-
-def skip_if_lrt_missing(arch: str) -> None:
-    if arch == "lrt" and lrt_unavailable():
-        pytest.skip(f"hybrid_lm.build(hybrid_lm.config('lrt')) does not work yet ({lrt_unavailable()})")
 
 
 def perturb(model: nn.Module) -> nn.Module:
@@ -151,7 +135,6 @@ def test_tiny_preset(arch):
         assert cfg.sliding_window == 16
     if arch == "samba":
         assert cfg.sliding_window == 16
-    skip_if_lrt_missing(arch)
     t0 = time.perf_counter()
     model = hybrid_lm.build(hybrid_lm.config(arch))
     took = time.perf_counter() - t0
@@ -266,14 +249,12 @@ def test_phi4_mini_flash_config_fields():
 def test_auto_classes_registered(arch):
     cfg = hybrid_lm.config(arch)
     assert type(AutoConfig.for_model(cfg.model_type)) is type(cfg)
-    skip_if_lrt_missing(arch)
     model = AutoModelForCausalLM.from_config(cfg)
     assert type(model) is type(hybrid_lm.build(cfg))
 
 
 @pytest.mark.parametrize("case", [*CASES, "lrt"])
 def test_save_pretrained_round_trip(case, tmp_path):
-    skip_if_lrt_missing(case)
     model = make_model(case)
     ids = rand_ids(2, 23)
     before = logits_of(model, ids)
@@ -777,7 +758,6 @@ def test_phi4_mini_flash_parameter_count_and_tensors():
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_depth_presets_grow_with_depth(arch):
-    skip_if_lrt_missing(arch)
     counts = {}
     for preset in DEPTHS:
         try:
