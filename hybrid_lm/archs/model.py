@@ -115,9 +115,10 @@ class HybridPreTrainedModel(PreTrainedModel, GenerationMixin):
             return self._packed_step(input_ids, attention_mask, cache, cu_seqlens)
         seen = 0 if cache is None else cache.seen
         dev = input_ids.device
+        bad_mask = ValueError(f"attention_mask: expected shape [B={B}, {seen + T}] (cached + new tokens) "
+                              f"or [B={B}, T={T}], got {None if attention_mask is None else list(attention_mask.shape)}")
         if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape[0] != B):
-            raise ValueError(f"attention_mask: expected shape [B={B}, {seen + T}] (cached + new tokens) "
-                             f"or [B={B}, T={T}], got {list(attention_mask.shape)}")
+            raise bad_mask
         if cache is not None and cache.max_len is not None:
             return self._static_step(T, attention_mask, cache)
         slots = torch.arange(seen, seen + T, device=dev)
@@ -128,8 +129,7 @@ class HybridPreTrainedModel(PreTrainedModel, GenerationMixin):
                 before = prev if prev is not None else torch.ones(B, seen, dtype=torch.bool, device=dev)
                 valid = torch.cat([before, valid], dim=1)
             if valid.shape != (B, seen + T):
-                raise ValueError(f"attention_mask: expected shape [B={B}, {seen + T}] (cached + new tokens) "
-                                 f"or [B={B}, T={T}], got {list(attention_mask.shape)}")
+                raise bad_mask
         else:
             valid = None if prev is None else torch.cat([prev, torch.ones(B, T, dtype=torch.bool, device=dev)], 1)
         if valid is None:
