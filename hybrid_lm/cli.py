@@ -13,6 +13,7 @@ COMMANDS = {"pretrain": ("hybrid_lm.train.pretrain", "pretrain a model (default:
 BENCHMARKS = {
     "kernels": "time every kernel against the PyTorch reference and installed baselines",
     "decode": "tokens per second and cache bytes versus generation length, per architecture",
+    "train": "training step time, tokens/s, peak memory and MFU per architecture, vs the Transformer",
 }
 
 
