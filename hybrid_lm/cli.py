@@ -8,7 +8,9 @@ from typing import Optional, Sequence
 import hybrid_lm
 
 # Each command's module provides add_arguments(parser) and run(args) -> exit code.
-COMMANDS = {"pretrain": ("hybrid_lm.train.pretrain", "pretrain a model (default: a tiny SambaY on the embedded corpus)")}
+COMMANDS = {"pretrain": ("hybrid_lm.train.pretrain", "pretrain a model (default: a tiny SambaY on the embedded corpus)"),
+            "distill": ("hybrid_lm.train.distill", "distill a teacher causal LM into a student (logit KD, top-k KD, "
+                        "sequence-level KD)")}
 # `hybrid-lm bench NAME` runs module hybrid_lm.bench.NAME
 BENCHMARKS = {
     "kernels": "time every kernel against the PyTorch reference and installed baselines",

@@ -284,6 +284,12 @@ class PackedRows:
     cost no tokenization. A non-Sequence stream is read in its own order, re-iterated each epoch.
     repeat=False stops after one epoch, dropping the final partial row (validation).
 
+    Mixing: with mix_rows = M > 0 the stream's rows are taken in blocks of M and each block is
+    permuted (seeded by seed and the block's start), so a batch draws rows from many documents
+    instead of M consecutive rows of one long file (training would otherwise fit the current file
+    and its loss say little about held-out text). The position is then the block's start plus
+    the number of its rows already given, so resuming stays exact.
+
     Sharding: rank r of world_size w yields global rows r, r+w, r+2w, ...; each next() advances
     the shared position by w rows, so w ranks together see exactly the rows one process sees, and
     state_dict() is the same on every rank. Every rank tokenizes the whole stream (cheap next to
@@ -292,7 +298,7 @@ class PackedRows:
 
     def __init__(self, documents: Iterable[str], tokenizer: PreTrainedTokenizerFast, seq_len: int, *,
                  rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True,
-                 repeat: bool = True, chunk_docs: int = 256):
+                 repeat: bool = True, chunk_docs: int = 256, mix_rows: int = 0):
         if seq_len < 1:
             raise ValueError(f"seq_len: must be >= 1, got {seq_len}")
         if not 0 <= rank < world_size:
@@ -303,20 +309,24 @@ class PackedRows:
         self.seed, self.shuffle, self.repeat, self.chunk_docs = seed, shuffle, repeat, chunk_docs
         self._encoder, self._eos = tokenizer.backend_tokenizer, tokenizer.eos_token_id
         self._cache: dict[int, np.ndarray] = {}  # document index -> its tokens incl. eos
+        self.mix_rows = mix_rows
         self._pos = (0, 0, 0)  # next global row's start: (epoch, document number in that epoch's order, token offset)
+        self._index = 0  # mixing: rows of the block starting at _pos already given
         self._rows: Iterator | None = None
 
     def state_dict(self) -> dict:
         """The exact position of the next row (the same on every rank at equal step counts)."""
         epoch, doc, offset = self._pos
-        return {"epoch": epoch, "doc": doc, "offset": offset, "seq_len": self.seq_len, "seed": self.seed}
+        return {"epoch": epoch, "doc": doc, "offset": offset, "index": self._index, "seq_len": self.seq_len,
+                "seed": self.seed, "mix_rows": self.mix_rows}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a state_dict(): the next rows are those an uninterrupted iterator would give."""
-        if (state["seq_len"], state["seed"]) != (self.seq_len, self.seed):
-            raise ValueError(f"state is for seq_len={state['seq_len']}, seed={state['seed']}; "
-                             f"this iterator has seq_len={self.seq_len}, seed={self.seed}")
-        self._pos, self._rows = (state["epoch"], state["doc"], state["offset"]), None
+        saved = (state["seq_len"], state["seed"], state.get("mix_rows", 0))
+        if saved != (self.seq_len, self.seed, self.mix_rows):
+            raise ValueError(f"state is for seq_len, seed, mix_rows = {saved}; this iterator has "
+                             f"{(self.seq_len, self.seed, self.mix_rows)}")
+        self._pos, self._index, self._rows = (state["epoch"], state["doc"], state["offset"]), state.get("index", 0), None
 
     def __iter__(self) -> PackedRows:
         return self
@@ -324,13 +334,17 @@ class PackedRows:
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's next row: (tokens int64 [seq_len + 1], cu_seqlens int32 [n + 1])."""
         if self._rows is None:
-            self._rows = self._global_rows(*self._pos)
+            self._rows = self._mixed_rows(self._pos, self._index) if self.mix_rows else self._global_rows(*self._pos)
         mine = None
         for k in range(self.world_size):
             row = next(self._rows, None)
             if row is None:
                 break
-            parts, cu, self._pos = row
+            parts, cu, position = row
+            if self.mix_rows:
+                self._pos, self._index = position
+            else:
+                self._pos = position
             if k == self.rank:
                 mine = torch.from_numpy(np.concatenate(parts)).long(), torch.tensor(cu, dtype=torch.int32)
         if mine is None:
@@ -378,6 +392,20 @@ class PackedRows:
                         drop = 0
                 queued -= T
                 yield parts, cu, queue[0][0]
+
+    def _mixed_rows(self, start: tuple, index: int) -> Iterator[tuple[list, list[int], tuple]]:
+        """Global rows in permuted blocks of mix_rows, from the block at `start` with `index` of
+        its rows given; each comes with the position after it, (block start, rows given)."""
+        while True:
+            block = list(itertools.islice(self._global_rows(*start), self.mix_rows))
+            if not block:
+                return
+            order = np.random.default_rng((self.seed, *start)).permutation(len(block))
+            end = block[-1][2]
+            for j in range(index, len(block)):
+                parts, cu, _ = block[order[j]]
+                yield parts, cu, (end, 0) if j + 1 == len(block) else (start, j + 1)
+            start, index = end, 0
 
     def _documents(self, epoch: int, doc: int) -> Iterator[tuple[int, int, np.ndarray]]:
         """(epoch, document number, tokens incl. eos) from a position on, across epochs if repeat."""

@@ -232,6 +232,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8, help="rows per step per process")
     parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument("--mix-rows", type=int, default=8192, help="rows are drawn from permuted blocks of this "
+                        "many stream rows, so a batch mixes documents (0: stream order)")
     parser.add_argument("--max-steps", type=int, default=200)
     parser.add_argument("--stop-at", type=int, default=None, help="stop after this step (the schedule still "
                         "spans --max-steps): a time-boxed job, resumed later with --resume")
@@ -276,7 +278,8 @@ def run(args: argparse.Namespace) -> int:
     model.train()
     net = wrap(model, world, args.fsdp, device)
     optimizer = optim.build_optimizer(net, args.optimizer, args.lr)
-    rows_iter = data.PackedRows(train_docs, tokenizer, args.seq_len, rank=rank, world_size=world, seed=args.seed)
+    rows_iter = data.PackedRows(train_docs, tokenizer, args.seq_len, rank=rank, world_size=world, seed=args.seed,
+                                mix_rows=args.mix_rows)
     tokens_per_step = args.batch_size * args.grad_accum * args.seq_len * world
     total = args.max_steps if args.tokens is None else math.ceil(args.tokens / tokens_per_step)
     start, metrics_rows = 0, 0

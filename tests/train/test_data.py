@@ -311,3 +311,21 @@ def test_streams_pack_like_lists(tokenizer):
     assert _take(resumed, 37) == expected[33:]
     with pytest.raises(ValueError, match="empty"):
         next(D.PackedRows([], tokenizer, 16))
+
+
+def test_mixed_rows_permute_blocks_and_resume_exactly(tokenizer):
+    plain = _take(D.PackedRows(DOCS, tokenizer, 16, seed=3), 40)
+    mixed = _take(D.PackedRows(DOCS, tokenizer, 16, seed=3, mix_rows=8), 40)
+    for b in range(0, 40, 8):  # each block of 8 stream rows comes out permuted, nothing lost
+        assert sorted(map(str, mixed[b:b + 8])) == sorted(map(str, plain[b:b + 8]))
+    assert mixed != plain
+    for k in (0, 3, 8, 21):  # resume inside a block and at its end
+        rows = D.PackedRows(DOCS, tokenizer, 16, seed=3, mix_rows=8)
+        _take(rows, k)
+        resumed = D.PackedRows(DOCS, tokenizer, 16, seed=3, mix_rows=8)
+        resumed.load_state_dict(json.loads(json.dumps(rows.state_dict())))
+        assert _take(resumed, 40 - k) == mixed[k:]
+    ranks = [D.PackedRows(DOCS, tokenizer, 16, seed=3, mix_rows=8, rank=r, world_size=2) for r in range(2)]
+    assert [_take(ranks[g % 2], 1)[0] for g in range(20)] == mixed[:20]
+    with pytest.raises(ValueError, match="mix_rows"):
+        D.PackedRows(DOCS, tokenizer, 16, seed=3).load_state_dict(rows.state_dict())

@@ -1,0 +1,617 @@
+"""Distillation: `hybrid-lm distill --teacher PATH --mode logits|topk|sequence`.
+
+A student of any of our architectures (--arch/--preset, or an existing checkpoint with --student)
+learns from a teacher causal LM (any AutoModelForCausalLM directory, ours included):
+
+  logits    online logit KD: the teacher runs on every training batch; the loss is
+            kd_weight * KD + (1 - kd_weight) * CE, KD being the forward KL(teacher || student)
+            at --temperature (scaled by T^2), or the generalized JSD (--kind jsd, --beta).
+  topk      offline logit KD: the teacher's top-k log-probs (at --temperature) of --cache-rows
+            training rows are written once to safetensors shards (cache_topk) and reused by every
+            later run; the KD term is sparse_kd_loss, whose missing teacher mass is one explicit
+            "other" bucket (see there).
+  sequence  sequence-level KD: the teacher completes prompts (transformers generate, or vLLM when
+            importable and on a GPU); the generations are written once to sequences.jsonl and the
+            student trains on them with the loss masked to the completion tokens.
+
+Teacher and student must share the vocabulary: a different vocab_size (or tokenizer) is a
+ValueError. Loss terms are computed in chunks of tokens (--chunk-tokens), each chunk recomputed
+in the backward pass, so fp32 copies of the [tokens, vocab] logits are bounded by one chunk.
+The output directory is pretrain's: an HF model directory, trainer_state.pt (resumable with
+--resume), metrics.jsonl (validation rows add val_loss, val_bpb and val_kl, the student's mean
+KL(teacher || student) at temperature 1 on held-out rows) and loss.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+import hybrid_lm
+from hybrid_lm.archs.config import ARCHS
+
+from . import data, optim, pretrain
+
+CACHE_INDEX = "index.json"
+SEQUENCES_FILE = "sequences.jsonl"
+IGNORE = -100  # target id of the positions that carry no loss (prompt and padding)
+
+
+# ---------------------------------------------------------------------------------------------
+# losses (plain functions; every one returns the mean over the unmasked tokens)
+# ---------------------------------------------------------------------------------------------
+
+def _chunked(fn: Callable[..., torch.Tensor], chunk_tokens: int, *tensors: torch.Tensor) -> torch.Tensor:
+    """fn over chunks of the leading (token) dimension of tensors, concatenated: per-token values
+    [N]. When gradients flow, each chunk is recomputed in the backward pass (activation
+    checkpointing), so the fp32 intermediates fn makes live for one chunk at a time."""
+    n = tensors[0].shape[0]
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    outs = []
+    for s in range(0, n, chunk_tokens):
+        part = [t[s:s + chunk_tokens] for t in tensors]
+        outs.append(checkpoint(fn, *part, use_reentrant=False) if grad else fn(*part))
+    return torch.cat(outs) if outs else tensors[0].new_zeros(0, dtype=torch.float32)
+
+
+def _masked_mean(values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    if mask is None:
+        return values.mean()
+    mask = mask.reshape(-1).to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp_min(1)
+
+
+def _kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per row from log-probs (0 log 0 = 0)."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+            kind: str = "kl", beta: float = 0.5, mask: Optional[torch.Tensor] = None,
+            chunk_tokens: int = 1024) -> torch.Tensor:
+    """Logit distillation loss, mean over tokens (those where mask is true), times temperature^2.
+
+    student_logits, teacher_logits: [..., V] (any float dtype; same shape). p = softmax(teacher /
+    T), q = softmax(student / T).
+      kind="kl":  forward KL(p || q).
+      kind="jsd": generalized JSD (GKD, Agarwal et al. 2024): with m = beta p + (1 - beta) q,
+                  beta KL(p || m) + (1 - beta) KL(q || m); beta = 0 gives KL(p || q) and
+                  beta = 1 gives KL(q || p) (the limits, up to scale, as in TRL).
+    Computed chunk_tokens rows at a time in fp32 (see _chunked)."""
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} differ: the vocabularies must match")
+    if kind not in ("kl", "jsd"):
+        raise ValueError(f"kind: 'kl' or 'jsd', got {kind!r}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta: must be in [0, 1], got {beta}")
+    V = student_logits.shape[-1]
+
+    def per_token(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        log_q = F.log_softmax(s.float() / temperature, dim=-1)
+        log_p = F.log_softmax(t.float() / temperature, dim=-1)
+        if kind == "kl" or beta == 0.0:
+            return _kl_rows(log_p, log_q)
+        if beta == 1.0:
+            return _kl_rows(log_q, log_p)
+        log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_q + math.log(1 - beta)]), dim=0)
+        return beta * _kl_rows(log_p, log_m) + (1 - beta) * _kl_rows(log_q, log_m)
+
+    values = _chunked(per_token, chunk_tokens, student_logits.reshape(-1, V), teacher_logits.reshape(-1, V))
+    return _masked_mean(values, mask) * temperature ** 2
+
+
+def sparse_kd_loss(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
+                   temperature: float = 1.0, mask: Optional[torch.Tensor] = None,
+                   chunk_tokens: int = 1024) -> torch.Tensor:
+    """KL(teacher || student) from the teacher's top-k log-probs only, mean over tokens, times
+    temperature^2.
+
+    student_logits [..., V]; topk_ids (int) and topk_logprobs [..., k]: the teacher's k most likely
+    tokens and their log-probs, already at `temperature` (cache_topk stores log_softmax(teacher /
+    T)); the student is tempered here. The missing mass is handled explicitly: the teacher's
+    remaining mass p_o = 1 - sum_k exp(topk_logprobs) is one "other" bucket, compared with the
+    student's mass outside the same k tokens, q_o = sum_{v not in top-k} q_v, so the loss is the
+    exact KL between the two (k + 1)-bucket distributions:
+        sum_k p_k (log p_k - log q_k) + p_o (log p_o - log q_o).
+    It is a lower bound of the full KL, equal to it when k = V or the teacher's other mass is 0.
+    A p_o below the rounding noise of summing k fp32 probabilities (k * 2^-23) counts as 0."""
+    V, k = student_logits.shape[-1], topk_ids.shape[-1]
+    noise = k * 2.0 ** -23
+
+    def per_token(s: torch.Tensor, ids: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
+        log_q = F.log_softmax(s.float() / temperature, dim=-1)
+        lp = lp.float()
+        log_q_k = log_q.gather(-1, ids)
+        top = (lp.exp() * (lp - log_q_k)).sum(-1)
+        p_o = (1 - lp.exp().sum(-1)).clamp_min(0)
+        p_o = torch.where(p_o > noise, p_o, torch.zeros_like(p_o))
+        outside = torch.ones_like(log_q).scatter_(-1, ids, 0.0)
+        q_o = (log_q.exp() * outside).sum(-1).clamp_min(torch.finfo(torch.float32).tiny)
+        other = p_o * (torch.log(p_o.clamp_min(torch.finfo(torch.float32).tiny)) - torch.log(q_o))
+        return top + other
+
+    values = _chunked(per_token, chunk_tokens, student_logits.reshape(-1, V), topk_ids.reshape(-1, k).long(),
+                      topk_logprobs.reshape(-1, k))
+    return _masked_mean(values, mask) * temperature ** 2
+
+
+def ce_loss(logits: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = 1024) -> torch.Tensor:
+    """Mean next-token cross-entropy over targets != IGNORE, chunked like kd_loss."""
+    V = logits.shape[-1]
+    targets = targets.reshape(-1)
+    keep = targets != IGNORE
+
+    def per_token(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(s.float(), t.clamp_min(0), reduction="none")
+
+    return _masked_mean(_chunked(per_token, chunk_tokens, logits.reshape(-1, V), targets), keep)
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+# ---------------------------------------------------------------------------------------------
+
+def is_ours(model) -> bool:
+    return getattr(pretrain.unwrap(model).config, "arch", None) in ARCHS
+
+
+def model_logits(model, inputs: torch.Tensor, cu_seqlens: list, packed: Optional[bool] = None) -> torch.Tensor:
+    """Logits [B, T, V] of rows of packed documents, each document seen on its own. Our models
+    (packed=None or True) run the rows as one packed sequence with cu_seqlens (LRT: one row per
+    sequence, as in pretrain.token_losses); any other causal LM (packed=False) runs each document
+    segment separately, so no attention crosses a document boundary."""
+    B, T = inputs.shape
+    if packed is None:
+        packed = is_ours(model)
+    if packed:
+        if pretrain.is_lrt(model):
+            return model(inputs).logits
+        cu = data.pack_cu_seqlens(cu_seqlens, T).to(inputs.device)
+        return model(inputs.reshape(1, B * T), cu_seqlens=cu).logits.view(B, T, -1)
+    rows = []
+    for b in range(B):
+        bounds = cu_seqlens[b].tolist()
+        rows.append(torch.cat([model(inputs[b:b + 1, s:e]).logits[0] for s, e in zip(bounds[:-1], bounds[1:]) if e > s]))
+    return torch.stack(rows)
+
+
+def load_teacher(path: str, device: torch.device, dtype: Optional[torch.dtype] = None):
+    """Any AutoModelForCausalLM directory or name, frozen, in eval mode."""
+    from transformers import AutoModelForCausalLM
+    kwargs = {} if dtype is None else {"torch_dtype": dtype}
+    teacher = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device).eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+def check_vocab(teacher, student, tokenizer=None, teacher_tokenizer=None) -> None:
+    """Teacher, student (and tokenizers, where given) must share one vocabulary: ValueError if not."""
+    tv, sv = teacher.config.vocab_size, pretrain.unwrap(student).config.vocab_size
+    if tv != sv:
+        raise ValueError(f"vocabulary mismatch: the teacher has vocab_size {tv}, the student {sv}; "
+                         "distillation needs the same tokenizer and vocabulary")
+    if tokenizer is not None and len(tokenizer) > sv:
+        raise ValueError(f"vocabulary mismatch: the tokenizer has {len(tokenizer)} tokens, the models {sv}")
+    if tokenizer is not None and teacher_tokenizer is not None and tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
+        raise ValueError("vocabulary mismatch: the student's tokenizer differs from the teacher's")
+
+
+# ---------------------------------------------------------------------------------------------
+# offline top-k cache
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def cache_topk(teacher, rows: data.PackedRows, num_rows: int, k: int, path, temperature: float = 1.0,
+               batch_size: int = 8, rows_per_shard: int = 1024, device: Optional[torch.device] = None) -> Path:
+    """Write the teacher's top-k log-probs of the next num_rows rows once, to safetensors shards
+    under path; a complete cache with the same k, temperature and seq_len is reused as is.
+
+    Shard topk-NNNNN.safetensors holds tokens int64 [n, T + 1] (inputs and targets), cu_flat and
+    cu_offsets int64 (each row's cu_seqlens concatenated, and where each starts), topk_ids int32
+    [n, T, k] and topk_logprobs float32 [n, T, k] = top-k of log_softmax(teacher logits / T).
+    index.json (written last, so a cache cut short is rewritten) lists shards and settings."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    settings = {"k": k, "temperature": temperature, "seq_len": rows.seq_len, "rows": num_rows,
+                "vocab_size": teacher.config.vocab_size}
+    index = path / CACHE_INDEX
+    if index.is_file():
+        meta = json.loads(index.read_text())
+        if {key: meta.get(key) for key in settings} == settings:
+            return path
+    path.mkdir(parents=True, exist_ok=True)
+    device = device or next(teacher.parameters()).device
+    shards, done = [], 0
+    while done < num_rows:
+        tokens, cus, ids, lps = [], [], [], []
+        n = min(rows_per_shard, num_rows - done)
+        got = 0
+        while got < n:
+            try:
+                inputs, targets, cu = rows.batch(min(batch_size, n - got))
+            except StopIteration:
+                break
+            logits = model_logits(teacher, inputs.to(device), cu)
+            lp = F.log_softmax(logits.float() / temperature, dim=-1)
+            top = lp.topk(k, dim=-1)
+            tokens.append(torch.cat([inputs, targets[:, -1:]], dim=1))
+            cus.extend(c.long() for c in cu)
+            ids.append(top.indices.int().cpu())
+            lps.append(top.values.cpu())
+            got += inputs.shape[0]
+        if got == 0:
+            break
+        offsets = torch.tensor([0] + [len(c) for c in cus]).cumsum(0)
+        name = f"topk-{len(shards):05d}.safetensors"
+        save_file({"tokens": torch.cat(tokens).contiguous(), "cu_flat": torch.cat(cus).contiguous(),
+                   "cu_offsets": offsets.contiguous(), "topk_ids": torch.cat(ids).contiguous(),
+                   "topk_logprobs": torch.cat(lps).contiguous()}, str(path / name))
+        shards.append(name)
+        done += got
+        if got < n:
+            break
+    if done == 0:
+        raise ValueError("cache_topk: no rows to cache")
+    index.write_text(json.dumps({**settings, "rows": num_rows, "written_rows": done, "shards": shards}))
+    return path
+
+
+class TopkRows:
+    """Batches from a cache_topk directory, in order, repeating; resumable like PackedRows.
+    batch(B) -> (inputs, targets, cu_seqlens, topk_ids, topk_logprobs)."""
+
+    def __init__(self, path, rank: int = 0, world_size: int = 1):
+        from safetensors.torch import load_file
+        path = Path(path)
+        self.meta = json.loads((path / CACHE_INDEX).read_text())
+        shards = [load_file(str(path / name)) for name in self.meta["shards"]]
+        self.tokens = torch.cat([s["tokens"] for s in shards])
+        self.ids = torch.cat([s["topk_ids"] for s in shards])
+        self.logprobs = torch.cat([s["topk_logprobs"] for s in shards])
+        self.cu = [s["cu_flat"][o[i]:o[i + 1]].int() for s in shards
+                   for o in [s["cu_offsets"]] for i in range(len(o) - 1)]
+        self.seq_len = self.tokens.shape[1] - 1
+        self.rank, self.world_size, self.pos = rank, world_size, 0
+
+    def state_dict(self) -> dict:
+        return {"pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pos = state["pos"]
+
+    def batch(self, batch_size: int):
+        n = len(self.tokens)
+        idx = [(self.pos + self.rank + j * self.world_size) % n for j in range(batch_size)]
+        self.pos += batch_size * self.world_size
+        tokens = self.tokens[idx]
+        return (tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), [self.cu[i] for i in idx],
+                self.ids[idx], self.logprobs[idx])
+
+
+# ---------------------------------------------------------------------------------------------
+# sequence-level distillation
+# ---------------------------------------------------------------------------------------------
+
+def prompts_from_documents(documents: Iterable[str], tokenizer, n: int, prompt_tokens: int) -> list[list[int]]:
+    """The first prompt_tokens tokens of the first n non-empty documents."""
+    prompts = []
+    for doc in documents:
+        ids = tokenizer.encode(doc, add_special_tokens=False)[:prompt_tokens]
+        if ids:
+            prompts.append(ids)
+        if len(prompts) == n:
+            break
+    return prompts
+
+
+@torch.no_grad()
+def generate(teacher_path: str, teacher, prompts: list[list[int]], max_new_tokens: int, eos_id: int,
+             temperature: float = 0.0, use_vllm: Optional[bool] = None) -> list[list[int]]:
+    """The teacher's completion of every prompt (token ids, up to and including eos): with vLLM
+    when it is importable and a GPU is present (use_vllm=None), else transformers generate,
+    one prompt at a time (no padding: every architecture of ours handles it). temperature 0:
+    greedy."""
+    if use_vllm is None:
+        try:
+            import vllm  # noqa: F401
+            use_vllm = torch.cuda.is_available()
+        except ImportError:
+            use_vllm = False
+    if use_vllm:
+        from vllm import LLM, SamplingParams
+        llm = LLM(teacher_path)
+        params = SamplingParams(temperature=temperature, max_tokens=max_new_tokens)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+        return [list(o.outputs[0].token_ids) for o in outs]
+    device = next(teacher.parameters()).device
+    completions = []
+    for p in prompts:
+        ids = torch.tensor([p], device=device)
+        sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
+        out = teacher.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=eos_id,
+                               **sampling)
+        completions.append(out[0, len(p):].tolist())
+    return completions
+
+
+def completion_rows(pairs: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int):
+    """(prompt, completion) token lists -> inputs and targets int64 [B, seq_len] (truncated
+    or right-padded), targets IGNORE except where the target token is a completion token."""
+    B = len(pairs)
+    inputs = torch.full((B, seq_len), pad_id, dtype=torch.long)
+    targets = torch.full((B, seq_len), IGNORE, dtype=torch.long)
+    for b, (prompt, completion) in enumerate(pairs):
+        seq = (list(prompt) + list(completion))[:seq_len + 1]
+        n = len(seq) - 1
+        inputs[b, :n] = torch.tensor(seq[:-1])
+        tgt = torch.tensor(seq[1:])
+        completion_target = torch.arange(1, n + 1) >= len(prompt)  # target position j predicts seq[j]
+        targets[b, :n] = torch.where(completion_target, tgt, torch.full_like(tgt, IGNORE))
+    return inputs, targets
+
+
+class SequenceRows:
+    """Batches of teacher generations, in order, repeating; resumable.
+    batch(B) -> (inputs, targets with IGNORE outside completions, cu_seqlens: one segment a row)."""
+
+    def __init__(self, pairs: list, seq_len: int, pad_id: int, rank: int = 0, world_size: int = 1):
+        if not pairs:
+            raise ValueError("sequence mode: no prompts")
+        self.pairs, self.seq_len, self.pad_id = pairs, seq_len, pad_id
+        self.rank, self.world_size, self.pos = rank, world_size, 0
+
+    def state_dict(self) -> dict:
+        return {"pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pos = state["pos"]
+
+    def batch(self, batch_size: int):
+        n = len(self.pairs)
+        idx = [(self.pos + self.rank + j * self.world_size) % n for j in range(batch_size)]
+        self.pos += batch_size * self.world_size
+        inputs, targets = completion_rows([self.pairs[i] for i in idx], self.seq_len, self.pad_id)
+        return inputs, targets, [torch.tensor([0, self.seq_len], dtype=torch.int32)] * batch_size
+
+
+def sequence_pairs(args, teacher, tokenizer, documents, out: Path, main_rank: bool, world: int) -> list:
+    """The (prompt, completion) pairs of sequences.jsonl in --out, generated once by the teacher."""
+    path = out / SEQUENCES_FILE
+    if not path.is_file():
+        if main_rank:
+            if args.prompts:
+                texts = [line for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+                texts = [json.loads(t)["prompt"] if t.lstrip().startswith("{") else t for t in texts][:args.num_prompts]
+                prompts = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+            else:
+                prompts = prompts_from_documents(documents, tokenizer, args.num_prompts, args.prompt_tokens)
+            completions = generate(args.teacher, teacher, prompts, args.gen_tokens, tokenizer.eos_token_id,
+                                   args.gen_temperature)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in zip(prompts, completions)))
+            tmp.replace(path)
+        pretrain.barrier(world)
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [(r["prompt"], r["completion"]) for r in rows]
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate_kl(student, teacher, tokenizer, documents, seq_len: int, device: torch.device,
+                max_batches: int, batch_size: int) -> float:
+    """Mean KL(teacher || student) per token at temperature 1 over the first max_batches batches
+    of held-out documents, in order."""
+    student.eval()
+    rows = data.PackedRows(documents, tokenizer, seq_len, shuffle=False, repeat=False)
+    total, tokens = 0.0, 0
+    for _ in range(max_batches):
+        try:
+            inputs, _, cu = rows.batch(batch_size)
+        except StopIteration:
+            break
+        inputs = inputs.to(device)
+        total += kd_loss(model_logits(student, inputs, cu), model_logits(teacher, inputs, cu)).item() * inputs.numel()
+        tokens += inputs.numel()
+    student.train()
+    if tokens == 0:
+        raise ValueError("validation split is empty: give more validation data or a shorter --seq-len")
+    return total / tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    pretrain.add_arguments(parser)
+    parser.set_defaults(out="runs/distill", arch="sambay")
+    parser.add_argument("--teacher", required=True, help="teacher causal LM: any AutoModelForCausalLM directory or name")
+    parser.add_argument("--student", default=None, help="start the student from this checkpoint (default: a new "
+                        "--arch/--preset model)")
+    parser.add_argument("--mode", default="logits", choices=("logits", "topk", "sequence"))
+    parser.add_argument("--kind", default="kl", choices=("kl", "jsd"), help="online KD divergence")
+    parser.add_argument("--beta", type=float, default=0.5, help="generalized JSD mixture weight")
+    parser.add_argument("--kd-weight", type=float, default=0.9, help="alpha: loss = alpha KD + (1 - alpha) CE")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--topk", type=int, default=64, help="teacher log-probs kept per token (--mode topk)")
+    parser.add_argument("--cache", default=None, help="top-k cache folder (default: OUT/topk_cache)")
+    parser.add_argument("--cache-rows", type=int, default=1024, help="training rows cached (--mode topk)")
+    parser.add_argument("--chunk-tokens", type=int, default=1024, help="tokens per chunk of the loss computation")
+    parser.add_argument("--prompts", default=None, help="text file (one prompt a line) or jsonl with 'prompt' "
+                        "(--mode sequence; default: the starts of training documents)")
+    parser.add_argument("--num-prompts", type=int, default=256)
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--gen-tokens", type=int, default=64)
+    parser.add_argument("--gen-temperature", type=float, default=0.0, help="0: greedy")
+
+
+def build_student(args, tokenizer, device: torch.device):
+    if args.student is None:
+        return pretrain.build_model(args, tokenizer, device)
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(args.student).to(device)
+    if not is_ours(model):
+        raise ValueError(f"--student {args.student!r} is not a hybrid-lm model (config.arch not in {ARCHS})")
+    return model
+
+
+def step_loss(args, net, teacher, batch, device: torch.device) -> torch.Tensor:
+    """The distillation loss of one batch."""
+    if args.mode == "sequence":
+        inputs, targets, cu = batch
+        logits = model_logits(net, inputs.to(device), cu)
+        return ce_loss(logits, targets.to(device), args.chunk_tokens)
+    if args.mode == "topk":
+        inputs, targets, cu, ids, lps = batch
+    else:
+        inputs, targets, cu = batch
+    inputs, targets = inputs.to(device), targets.to(device)
+    logits = model_logits(net, inputs, cu)
+    if args.mode == "topk":
+        kd = sparse_kd_loss(logits, ids.to(device), lps.to(device), args.temperature, chunk_tokens=args.chunk_tokens)
+    else:
+        with torch.no_grad():
+            teacher_logits = model_logits(teacher, inputs, cu)
+        kd = kd_loss(logits, teacher_logits, args.temperature, args.kind, args.beta, chunk_tokens=args.chunk_tokens)
+    if args.kd_weight >= 1.0:
+        return kd
+    return args.kd_weight * kd + (1 - args.kd_weight) * ce_loss(logits, targets, args.chunk_tokens)
+
+
+def run(args: argparse.Namespace) -> int:
+    rank, world, device = pretrain.setup_distributed()
+    out = Path(args.out)
+    torch.manual_seed(args.seed)
+    main_rank = rank == 0
+    if main_rank:
+        out.mkdir(parents=True, exist_ok=True)
+
+    train_docs = data.load_documents(args.data, "train")
+    val_docs = data.load_documents(args.data, "val")
+    teacher_dir = Path(args.teacher)
+    teacher_tokenizer = data.load_tokenizer(args.teacher) if (teacher_dir / "tokenizer_config.json").is_file() else None
+    if args.resume:
+        tokenizer = data.load_tokenizer(out)
+    elif args.tokenizer:
+        tokenizer = data.load_tokenizer(args.tokenizer)
+    elif teacher_tokenizer is not None:
+        tokenizer = teacher_tokenizer
+    else:
+        raise ValueError("--tokenizer: the teacher folder has no tokenizer; give the teacher's tokenizer")
+    teacher = load_teacher(args.teacher, device, torch.bfloat16 if device.type == "cuda" else None)
+
+    model = build_student(args, tokenizer, device)
+    check_vocab(teacher, model, tokenizer, teacher_tokenizer)
+    state = pretrain.load_state(out, model.config.arch) if args.resume else None
+    if state is not None:
+        model.load_state_dict(type(model).from_pretrained(out).state_dict())
+    model.train()
+    net = pretrain.wrap(model, world, args.fsdp, device)
+    optimizer = optim.build_optimizer(net, args.optimizer, args.lr)
+
+    if args.mode == "topk":
+        cache = Path(args.cache) if args.cache else out / "topk_cache"
+        if main_rank:
+            cache_topk(teacher, data.PackedRows(train_docs, tokenizer, args.seq_len, seed=args.seed), args.cache_rows,
+                       args.topk, cache, args.temperature, args.batch_size, device=device)
+        pretrain.barrier(world)
+        rows_iter = TopkRows(cache, rank, world)
+        if (rows_iter.meta["temperature"], rows_iter.seq_len) != (args.temperature, args.seq_len):
+            raise ValueError(f"top-k cache {cache} was written at temperature {rows_iter.meta['temperature']}, "
+                             f"seq_len {rows_iter.seq_len}; this run asks {args.temperature}, {args.seq_len}")
+        if rows_iter.meta["vocab_size"] != model.config.vocab_size:
+            raise ValueError(f"vocabulary mismatch: the top-k cache has vocab_size {rows_iter.meta['vocab_size']}, "
+                             f"the student {model.config.vocab_size}")
+    elif args.mode == "sequence":
+        pairs = sequence_pairs(args, teacher, tokenizer, train_docs, out, main_rank, world)
+        rows_iter = SequenceRows(pairs, args.seq_len, tokenizer.eos_token_id, rank, world)
+    else:
+        rows_iter = data.PackedRows(train_docs, tokenizer, args.seq_len, rank=rank, world_size=world, seed=args.seed)
+
+    tokens_per_step = args.batch_size * args.grad_accum * args.seq_len * world
+    total = args.max_steps if args.tokens is None else math.ceil(args.tokens / tokens_per_step)
+    start, metrics_rows = 0, 0
+    if state is not None:
+        pretrain.load_optimizer(net, optimizer, state["optimizer"])
+        rows_iter.load_state_dict(state["data"])
+        torch.set_rng_state(state["rng"])
+        start, metrics_rows = state["step"], state["metrics_rows"]
+
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    metrics_path = out / "metrics.jsonl"
+    if main_rank:
+        kept = metrics_path.read_text().splitlines()[:metrics_rows] if state is not None and metrics_path.exists() else []
+        metrics_path.write_text("".join(line + "\n" for line in kept))
+    stop = total if args.stop_at is None else min(total, args.stop_at)
+    bar = pretrain.progress(range(start, stop), main_rank, initial=start, total=total)
+    clock, logged = time.perf_counter(), start
+    interval_loss = torch.zeros((), device=device)
+    for step in bar:
+        optimizer.lr_scale(optim.wsd_schedule(step, total, args.warmup))
+        loss_sum = torch.zeros((), device=device)
+        for _ in range(args.grad_accum):
+            batch = rows_iter.batch(args.batch_size)
+            with autocast:
+                loss = step_loss(args, net, teacher, batch, device) / args.grad_accum
+            loss.backward()
+            loss_sum += loss.detach()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        interval_loss += loss_sum
+        done = step + 1
+        if done % args.log_every == 0 or done == stop or done % args.eval_every == 0:
+            if world > 1:
+                torch.distributed.all_reduce(interval_loss, op=torch.distributed.ReduceOp.SUM)
+                interval_loss /= world
+            tps = tokens_per_step * (done - logged) / (time.perf_counter() - clock)
+            row = {"step": done, "loss": float(interval_loss) / (done - logged),
+                   "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": round(tps, 1)}
+            if done % args.eval_every == 0 or done == stop:
+                student = pretrain.unwrap(net)
+                with autocast:
+                    row["val_loss"], row["val_bpb"] = pretrain.evaluate(student, tokenizer, val_docs, args.seq_len,
+                                                                        device, args.eval_batches, args.batch_size)
+                    row["val_kl"] = evaluate_kl(student, teacher, tokenizer, val_docs, args.seq_len, device,
+                                                args.eval_batches, args.batch_size)
+            if main_rank:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                metrics_rows += 1
+                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tps:.0f}")
+            clock, logged = time.perf_counter(), done
+            interval_loss.zero_()
+        if done % args.save_every == 0 or done == stop:
+            pretrain.save(out, net, tokenizer, optimizer, rows_iter, done, metrics_rows, main_rank)
+            pretrain.barrier(world)
+    if main_rank:
+        pretrain.plot_loss(metrics_path, out / "loss.png")
+    if args.sample and stop == total:
+        text = pretrain.sample(pretrain.unwrap(net), tokenizer, device, args.sample)
+        if main_rank:
+            print(text)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+def main(argv: Optional[list] = None) -> int:
+    parser = argparse.ArgumentParser(prog="hybrid-lm distill", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
