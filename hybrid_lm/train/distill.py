@@ -590,7 +590,7 @@ def run(args: argparse.Namespace) -> int:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
                 metrics_rows += 1
-                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tps:.0f}", mfu=row["mfu"])
+                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tps:.0f}")
             clock, logged = time.perf_counter(), done
             interval_loss.zero_()
         if done % args.save_every == 0 or done == stop:
