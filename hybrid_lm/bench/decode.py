@@ -52,9 +52,9 @@ from typing import Callable, Iterator, NamedTuple, Optional, Union
 import torch
 
 import hybrid_lm
-from hybrid_lm.archs import ARCHS, PRESETS
+from hybrid_lm.archs import ARCHS
 
-from .kernels import free_memory, device_name, device_slug, progress
+from .kernels import add_arch_arguments, device_name, device_slug, free_memory, progress
 
 
 class Sweep(NamedTuple):
@@ -404,12 +404,7 @@ def _positive(text: str) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `hybrid-lm bench decode`; a value left out comes from the device's sweep."""
     gpu, cpu = SWEEPS["gpu"], SWEEPS["cpu"]
-    parser.add_argument("--out", type=Path, default=None,
-                        help="output folder (default: benchmarks/results/<device-name-slug>)")
-    parser.add_argument("--archs", nargs="+", default=None, metavar="ARCH",
-                        help=f"architectures, space or comma separated (default: {' '.join(DEFAULT_ARCHS)})")
-    parser.add_argument("--preset", choices=PRESETS, default=None,
-                        help=f"model size for every arch (default: {gpu.preset} on a GPU, {cpu.preset} on a CPU)")
+    add_arch_arguments(parser, DEFAULT_ARCHS, gpu.preset, cpu.preset)
     parser.add_argument("--prompt-len", type=_positive, default=None,
                         help=f"prompt tokens (default: {gpu.prompt_len} on a GPU, {cpu.prompt_len} on a CPU)")
     parser.add_argument("--gen-len", type=_positive, default=None,

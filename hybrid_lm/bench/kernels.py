@@ -53,7 +53,7 @@ import sys
 import time
 import types
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -470,6 +470,19 @@ def device_slug(device: Optional[torch.device] = None) -> str:
     """The device name as used in result file names, e.g. 'nvidia-h100-80gb-hbm3'."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
+
+
+def add_arch_arguments(parser: argparse.ArgumentParser, archs: Sequence[str], gpu_preset: str,
+                       cpu_preset: str) -> None:
+    """--out, --archs and --preset, shared by the model benchmarks (decode, train)."""
+    from hybrid_lm.archs.config import PRESETS  # here: the kernel benchmark itself needs no models
+
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default: benchmarks/results/<device-name-slug>)")
+    parser.add_argument("--archs", nargs="+", default=None, metavar="ARCH",
+                        help=f"architectures, space or comma separated (default: {' '.join(archs)})")
+    parser.add_argument("--preset", choices=PRESETS, default=None,
+                        help=f"model size for every arch (default: {gpu_preset} on a GPU, {cpu_preset} on a CPU)")
 
 
 def sizes_str(s: dict) -> str:

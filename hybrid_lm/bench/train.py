@@ -31,11 +31,11 @@ from typing import NamedTuple
 import torch
 
 import hybrid_lm
-from hybrid_lm.archs import ARCHS, PRESETS
+from hybrid_lm.archs import ARCHS
 from hybrid_lm.train.optim import build_optimizer
 from hybrid_lm.train.pretrain import batch_loss, flops_per_token, peak_flops
 
-from .kernels import device_name, device_slug, free_memory, progress
+from .kernels import add_arch_arguments, device_name, device_slug, free_memory, progress
 
 
 class Setup(NamedTuple):
@@ -155,12 +155,7 @@ def plot(rows: list, vs: dict, title: str, path: Path) -> bool:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     gpu, cpu = SETUPS["gpu"], SETUPS["cpu"]
-    parser.add_argument("--out", type=Path, default=None,
-                        help="output folder (default: benchmarks/results/<device-name-slug>)")
-    parser.add_argument("--archs", nargs="+", default=None, metavar="ARCH",
-                        help=f"architectures, space or comma separated (default: {' '.join(DEFAULT_ARCHS)})")
-    parser.add_argument("--preset", choices=PRESETS, default=None,
-                        help=f"model size (default: {gpu.preset} on a GPU, {cpu.preset} on a CPU)")
+    add_arch_arguments(parser, DEFAULT_ARCHS, gpu.preset, cpu.preset)
     parser.add_argument("--seq-len", type=int, default=None,
                         help=f"tokens per row (default: {gpu.seq_len} on a GPU, {cpu.seq_len} on a CPU)")
     parser.add_argument("--batch", type=int, default=None,

@@ -35,7 +35,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-import hybrid_lm
 from hybrid_lm.archs.config import ARCHS
 
 from . import data, optim, pretrain
@@ -491,15 +490,7 @@ def step_loss(args, net, teacher, batch, device: torch.device) -> torch.Tensor:
 
 
 def run(args: argparse.Namespace) -> int:
-    rank, world, device = pretrain.setup_distributed()
-    out = Path(args.out)
-    torch.manual_seed(args.seed)
-    main_rank = rank == 0
-    if main_rank:
-        out.mkdir(parents=True, exist_ok=True)
-
-    train_docs = data.load_documents(args.data, "train")
-    val_docs = data.load_documents(args.data, "val")
+    rank, world, device, out, main_rank, train_docs, val_docs = pretrain.start_run(args)
     teacher_dir = Path(args.teacher)
     teacher_tokenizer = data.load_tokenizer(args.teacher) if (teacher_dir / "tokenizer_config.json").is_file() else None
     if args.resume:

@@ -253,16 +253,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sample", type=int, default=64, help="tokens of the sample printed at the end (0: none)")
 
 
-def run(args: argparse.Namespace) -> int:
+def start_run(args: argparse.Namespace):
+    """What every training command begins with: (rank, world, device, out folder, main rank?,
+    train documents, validation documents); seeds torch and makes the out folder on rank 0."""
     rank, world, device = setup_distributed()
     out = Path(args.out)
     torch.manual_seed(args.seed)
-    main_rank = rank == 0
-    if main_rank:
+    if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+    return (rank, world, device, out, rank == 0,
+            data.load_documents(args.data, "train"), data.load_documents(args.data, "val"))
 
-    train_docs = data.load_documents(args.data, "train")
-    val_docs = data.load_documents(args.data, "val")
+
+def run(args: argparse.Namespace) -> int:
+    rank, world, device, out, main_rank, train_docs, val_docs = start_run(args)
     if args.resume or args.tokenizer:
         tokenizer = data.load_tokenizer(out if args.resume else args.tokenizer)
     else:
