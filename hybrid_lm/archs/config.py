@@ -141,9 +141,10 @@ def _preset_fields(arch: str, preset: str) -> dict:
     hybrid = arch in ("samba", "sambay", "sambay-da")
     if preset == "tiny":
         # 8 layers: SambaY's cross-decoder then holds GMU and cross-attention layers, and every
-        # arch has the same depth, so tiny comparisons are like for like.
+        # arch has the same depth, so tiny comparisons are like for like. Heads of 32: the
+        # smallest head size vLLM's CPU attention serves.
         fields = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=2048)
         if hybrid:
             fields["sliding_window"] = 16
         return fields

@@ -140,15 +140,18 @@ class DifferentialCore(nn.Module):
         self.subln = nn.RMSNorm(2 * dh, eps=1e-5)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:
-        B, T, H, dh = q.shape
         v12 = torch.cat([v[:, :, 0::2], v[:, :, 1::2]], dim=-1)  # [B, Tk, Hkv/2, 2 dh]
-        scale = dh ** -0.5
+        scale = q.shape[-1] ** -0.5
         a1 = attend(q[:, :, 0::2], k[:, :, 0::2], v12, mask, scale)  # [B, T, H/2, 2 dh]
         a2 = attend(q[:, :, 1::2], k[:, :, 1::2], v12, mask, scale)
+        return self.combine(a1, a2)
+
+    def combine(self, a1: Tensor, a2: Tensor) -> Tensor:
+        """[..., H/2, 2 dh] attention outputs of the even and odd heads -> [..., H, dh]."""
         lam = (torch.exp((self.lambda_q1 * self.lambda_k1).sum()) - torch.exp((self.lambda_q2 * self.lambda_k2).sum())
                + self.lambda_init)
         out = self.subln((a1.float() - lam * a2.float()).to(self.subln.weight.dtype)) * (1 - self.lambda_init)
-        return out.to(q.dtype).reshape(B, T, H, dh)
+        return out.to(a1.dtype).unflatten(-1, (2, -1)).flatten(-3, -2)
 
 
 class Attention(nn.Module):
@@ -253,10 +256,8 @@ class Mamba(nn.Module):
             u = K.causal_conv1d(x, weight, self.conv1d.bias, "silu", cu_seqlens=step.cu_seqlens)
         if valid is not None:
             u = u * valid[..., None]
-        dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.linear(dt, self.dt_proj.weight)  # dt_proj.bias enters the scan as delta_bias
-        A = -torch.exp(self.A_log.float())
-        D, bias = self.D.float(), self.dt_proj.bias.float()
+        delta, B, C = self.ssm_inputs(u)
+        A, D, bias = self.ssm_constants()
         gate = None if return_memory else z  # the memory layer gates outside the scan
         if state is not None and x.shape[1] == 1:
             y = K.selective_state_update(state.ssm, u[:, 0], delta[:, 0], A, B[:, 0], C[:, 0], D,
@@ -266,6 +267,20 @@ class Mamba(nn.Module):
             state.ssm.copy_(ssm_final)
         else:
             y = K.selective_scan(u, delta, A, B, C, D, gate, bias, True, cu_seqlens=step.cu_seqlens)
+        return self.output(y, z, return_memory)
+
+    def ssm_inputs(self, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """delta (before dt_proj's bias, which the scan adds), B and C of the conv output u."""
+        dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        return F.linear(dt, self.dt_proj.weight), B, C
+
+    def ssm_constants(self) -> tuple[Tensor, Tensor, Tensor]:
+        """A = -exp(A_log), D and the delta bias, in fp32."""
+        return -torch.exp(self.A_log.float()), self.D.float(), self.dt_proj.bias.float()
+
+    def output(self, y: Tensor, z: Tensor, return_memory: bool):
+        """out_proj of the scan output y (already gated unless return_memory: then gate here and
+        also return y, the GMU memory)."""
         if not return_memory:
             return self.out_proj(y)
         return self.out_proj(y * F.silu(z)), y

@@ -201,23 +201,15 @@ class LRTOutput(CausalLMOutputWithPast):
     passes: Optional[list[tuple[Tensor, Tensor]]] = None
 
 
-class LRTForCausalLM(HybridPreTrainedModel, GenerationMixin):
-    config_class = LRTConfig
+def feedback_projections(config: LRTConfig) -> nn.ModuleList:
+    """W_K | W_V of the memory: one for all layers ("shared") or one per layer ("layerwise")."""
+    kv_size = config.num_key_value_heads * config.head_dim
+    n = 1 if config.lrt_feedback == "shared" else config.num_hidden_layers
+    return nn.ModuleList(nn.Linear(config.hidden_size, 2 * kv_size, bias=False) for _ in range(n))
 
-    def build_mixers(self, config: LRTConfig) -> list[nn.Module]:
-        if config.differential_attention:
-            raise ValueError("config: LRT sits on the Transformer backbone; differential_attention is not supported")
-        # built here, inside HybridPreTrainedModel.__init__ before post_init, so it is initialised with the rest
-        kv_size = config.num_key_value_heads * config.head_dim
-        n = 1 if config.lrt_feedback == "shared" else config.num_hidden_layers
-        self.model.feedback = nn.ModuleList(nn.Linear(config.hidden_size, 2 * kv_size, bias=False) for _ in range(n))
-        return [LRTAttention(config, i) for i in range(config.num_hidden_layers)]
 
-    def _init_weights(self, module: nn.Module) -> None:
-        super()._init_weights(module)
-        if isinstance(module, LRTAttention):  # visited after its gate Linear: this init wins
-            init.zeros_(module.gate.weight)  # gates start at 2 * sigmoid(0) = 1
-            init.constant_(module.gamma, self.config.lrt_gamma_init)
+class LRTLayers:
+    """LRT's layer loop and final norm, shared with the vLLM model."""
 
     def run_layers(self, h: Tensor, step: Step, memory: Optional[Tensor] = None,
                    pass_: Optional[Pass] = None) -> Tensor:
@@ -235,8 +227,26 @@ class LRTForCausalLM(HybridPreTrainedModel, GenerationMixin):
             h = layer(h, step, feedback=feedback, pass_=pass_)
         return h
 
-    def _final(self, h: Tensor) -> Tensor:
+    def final_state(self, h: Tensor) -> Tensor:
         return self.model.final_layernorm(h.to(self.model.final_layernorm.weight.dtype))
+
+
+class LRTForCausalLM(LRTLayers, HybridPreTrainedModel, GenerationMixin):
+    config_class = LRTConfig
+
+    def build_mixers(self, config: LRTConfig) -> list[nn.Module]:
+        if config.differential_attention:
+            raise ValueError("config: LRT sits on the Transformer backbone; differential_attention is not supported")
+        return [LRTAttention(config, i) for i in range(config.num_hidden_layers)]
+
+    def extra_modules(self, config: LRTConfig) -> dict[str, nn.Module]:
+        return {"feedback": feedback_projections(config)}
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, LRTAttention):  # visited after its gate Linear: this init wins
+            init.zeros_(module.gate.weight)  # gates start at 2 * sigmoid(0) = 1
+            init.constant_(module.gamma, self.config.lrt_gamma_init)
 
     def _memory(self, step: Step, latest: Optional[Tensor] = None) -> Tensor:
         """The memory of every new token: the latest final state of the slot before it (the cache's
@@ -265,7 +275,7 @@ class LRTForCausalLM(HybridPreTrainedModel, GenerationMixin):
         T = h.shape[1]
         schedule = Schedule(step, T, c.lrt_subsets, c.sliding_window, c.num_hidden_layers)
         first = schedule.first()
-        z = self._final(self.run_layers(h, step, None, first))
+        z = self.final_state(self.run_layers(h, step, None, first))
         passes = [(first.tokens, z)]
         if schedule.padded:  # a row for the trash column, so every pass gathers and scatters in range
             z = torch.cat([z, z.new_zeros(z.shape[0], 1, z.shape[2])], dim=1)
@@ -275,7 +285,7 @@ class LRTForCausalLM(HybridPreTrainedModel, GenerationMixin):
             if pass_ is None:
                 continue
             memory = _take(self._memory(step, z), pass_.tokens)
-            zi = self._final(self.run_layers(_take(h, pass_.tokens), step, memory, pass_))
+            zi = self.final_state(self.run_layers(_take(h, pass_.tokens), step, memory, pass_))
             z = _put(z, pass_.tokens, zi)
             passes.append((pass_.tokens, zi))
         if step.cache is not None:
@@ -304,7 +314,7 @@ class LRTForCausalLM(HybridPreTrainedModel, GenerationMixin):
         if self.config.residual_in_fp32:
             h = h.float()
         if cache is not None and T == 1:  # decoding: m = the latent, exact token by token
-            z = self._final(self.run_layers(h, step, self._memory(step)))
+            z = self.final_state(self.run_layers(h, step, self._memory(step)))
             passes = [(step.positions.new_zeros(B, 1), z)]
         else:
             z, passes = self._interleaved(h, step)

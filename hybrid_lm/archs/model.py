@@ -58,6 +58,19 @@ class DecoderLayer(nn.Module):
         return h if extra is None else (h, extra)
 
 
+def backbone(config: HybridConfig, mixers: list[nn.Module], **extra: nn.Module) -> tuple[nn.Module, nn.Linear]:
+    """`model` (embed_tokens, one DecoderLayer per mixer, final_layernorm, any `extra` modules)
+    and `lm_head`: the module tree, and so the tensor names, of every checkpoint (shared with
+    hybrid_lm.serve)."""
+    model = nn.Module()
+    model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+    model.layers = nn.ModuleList(DecoderLayer(config, m) for m in mixers)
+    model.final_layernorm = norm(config, config.hidden_size)
+    for name, module in extra.items():
+        model.add_module(name, module)
+    return model, nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+
 class HybridPreTrainedModel(PreTrainedModel, GenerationMixin):
     """Causal LM: `model` (embed_tokens, layers, final_layernorm) and `lm_head`."""
 
@@ -69,14 +82,14 @@ class HybridPreTrainedModel(PreTrainedModel, GenerationMixin):
 
     def __init__(self, config: HybridConfig):
         super().__init__(config)
-        self.model = nn.Module()
-        self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.model.layers = nn.ModuleList(DecoderLayer(config, m) for m in self.build_mixers(config))
-        self.model.final_layernorm = norm(config, config.hidden_size)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.model, self.lm_head = backbone(config, self.build_mixers(config), **self.extra_modules(config))
         self.post_init()
 
     # -- what a family provides: build_mixers(config) -> one mixer per layer; and may override these
+
+    def extra_modules(self, config: HybridConfig) -> dict[str, nn.Module]:
+        """Modules besides the layers that live under `model` (LRT's feedback projections)."""
+        return {}
 
     def cache_kinds(self) -> list[Optional[str]]:
         """Per layer: "kv" (attention with its own K,V), "mamba", or None (keeps nothing)."""

@@ -10,46 +10,64 @@ runs on that token alone: the prompt costs one layer's K,V beyond the linear sel
 """
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 from transformers import GenerationMixin
 
+from . import layers as hf_layers
 from .config import SambaConfig, SambaYConfig
-from .layers import GMU, Attention, Mamba, Step
+from .layers import Step
 from .model import HybridPreTrainedModel
 
 
-def _self_decoder(config, layers: range) -> list[nn.Module]:
-    return [Mamba(config, i) if i % 2 == 0 else Attention(config, i, window=config.sliding_window) for i in layers]
+def samba_mixers(config: SambaConfig, make: Any = hf_layers, layers: range | None = None) -> list[nn.Module]:
+    """Samba's mixers: Mamba on even layers, sliding-window attention on odd ones. `make` provides
+    the classes Mamba, Attention and GMU (ours, or vLLM's in hybrid_lm.serve)."""
+    layers = range(config.num_hidden_layers) if layers is None else layers
+    return [make.Mamba(config, i) if i % 2 == 0 else make.Attention(config, i, window=config.sliding_window)
+            for i in layers]
+
+
+def sambay_mixers(config: SambaYConfig, make: Any = hf_layers) -> list[nn.Module]:
+    """SambaY's mixers: a Samba self-decoder, the memory Mamba, the shared full attention, then
+    GMU (even) and cross-attention (odd) layers."""
+    L = config.num_hidden_layers
+    mixers = samba_mixers(config, make, range(L // 2))
+    mixers.append(make.Mamba(config, L // 2))
+    mixers.append(make.Attention(config, L // 2 + 1, shares_kv=True))
+    for i in range(L // 2 + 2, L):
+        mixers.append(make.GMU(config) if i % 2 == 0 else make.Attention(config, i, cross=True))
+    return mixers
 
 
 class SambaForCausalLM(HybridPreTrainedModel, GenerationMixin):
     config_class = SambaConfig
 
     def build_mixers(self, config: SambaConfig) -> list[nn.Module]:
-        return _self_decoder(config, range(config.num_hidden_layers))
+        return samba_mixers(config)
 
 
-class SambaYForCausalLM(HybridPreTrainedModel, GenerationMixin):
-    config_class = SambaYConfig
-
-    def build_mixers(self, config: SambaYConfig) -> list[nn.Module]:
-        L = config.num_hidden_layers
-        self.memory_layer, self.shared_layer = L // 2, L // 2 + 1
-        mixers = _self_decoder(config, range(L // 2))
-        mixers.append(Mamba(config, self.memory_layer))
-        mixers.append(Attention(config, self.shared_layer, shares_kv=True))
-        for i in range(L // 2 + 2, L):
-            mixers.append(GMU(config) if i % 2 == 0 else Attention(config, i, cross=True))
-        return mixers
+class SambaYLayers:
+    """SambaY's layer loop, shared with the vLLM model: the memory layer hands its scan output to
+    the GMUs; in prefill with a cache only the last token goes past the shared layer."""
 
     def run_layers(self, h, step: Step):
-        # with a cache and several new tokens (prefill), only the last token goes past the shared layer
+        L = self.config.num_hidden_layers
+        memory_layer, shared_layer = L // 2, L // 2 + 1
         prefill = step.cache is not None and h.shape[1] > 1
         for i, layer in enumerate(self.model.layers):
-            if i == self.memory_layer:
+            if i == memory_layer:
                 h, step.memory = layer(h, step, return_memory=True)
             else:
-                step.last_only = prefill and i == self.shared_layer
+                step.last_only = prefill and i == shared_layer
                 h = layer(h, step)
         step.last_only = False
         return h
+
+
+class SambaYForCausalLM(SambaYLayers, HybridPreTrainedModel, GenerationMixin):
+    config_class = SambaYConfig
+
+    def build_mixers(self, config: SambaYConfig) -> list[nn.Module]:
+        return sambay_mixers(config)

@@ -160,7 +160,7 @@ def test_tiny_runs_2048_positions(case):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_overrides_apply_verbatim(arch):
     kv_heads = 6 if arch == "sambay-da" else 3  # differential attention pairs KV heads
-    cfg = hybrid_lm.config(arch, eos_token_id=None, hidden_size=96, num_attention_heads=6,
+    cfg = hybrid_lm.config(arch, eos_token_id=None, head_dim=None, hidden_size=96, num_attention_heads=6,
                            num_key_value_heads=kv_heads, intermediate_size=200, vocab_size=300)
     assert cfg.eos_token_id is None
     assert (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_attention_heads) == (96, 200, 300, 6)
@@ -194,8 +194,8 @@ def test_overrides_none_and_eos_reach_generate():
     ("samba", dict(num_attention_heads=8, num_key_value_heads=3), "num_key_value_heads"),
     ("sambay", dict(num_attention_heads=6, num_key_value_heads=4), "num_key_value_heads|num_attention_heads"),
     # heads that do not divide hidden_size (no head_dim given): 64 / 6
-    ("transformer", dict(num_attention_heads=6, num_key_value_heads=2), "num_attention_heads|hidden_size|head"),
-    ("samba", dict(num_attention_heads=3, num_key_value_heads=1), "num_attention_heads|hidden_size|head"),
+    ("transformer", dict(num_attention_heads=6, num_key_value_heads=2, head_dim=None), "num_attention_heads|hidden_size|head"),
+    ("samba", dict(num_attention_heads=3, num_key_value_heads=1, head_dim=None), "num_attention_heads|hidden_size|head"),
 ])
 def test_impossible_configs_raise(arch, overrides, match):
     with pytest.raises(ValueError, match=match):
