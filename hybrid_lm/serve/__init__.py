@@ -1,0 +1,38 @@
+"""hybrid_lm.serve: the vLLM plugin. `register` (the `vllm.general_plugins` entry point) makes
+every hybrid_lm architecture servable by `vllm serve <checkpoint>` and `vllm.LLM(<checkpoint>)`;
+`update_weights` pushes new weights into a running engine.
+
+The model files (transformer.py, samba.py, lrt.py) import vLLM and are loaded lazily by vLLM's
+registry; this module imports vLLM only inside its functions, so `import hybrid_lm` never needs it.
+"""
+from __future__ import annotations
+
+from .weights import update_weights
+
+# architectures in our checkpoints' config.json -> the vLLM model class serving them
+ARCHITECTURES = {
+    "TransformerForCausalLM": "hybrid_lm.serve.transformer:TransformerForCausalLM",
+    "SambaForCausalLM": "hybrid_lm.serve.samba:SambaForCausalLM",
+    "SambaYForCausalLM": "hybrid_lm.serve.samba:SambaYForCausalLM",
+    "LRTForCausalLM": "hybrid_lm.serve.lrt:LRTForCausalLM",
+}
+# state-slot models: vLLM's prefix caching would skip recomputing a cached prefix, but their
+# states (conv/SSM, LRT's latent) are kept per request, not per block
+NO_PREFIX_CACHING = ("SambaForCausalLM", "SambaYForCausalLM", "LRTForCausalLM")
+
+
+def register() -> None:
+    """Register every architecture with vLLM's ModelRegistry (safe to call more than once)."""
+    import hybrid_lm  # noqa: F401  (registers our configs with transformers' AutoConfig)
+    from vllm import ModelRegistry
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+
+    from .config import NoPrefixCaching
+
+    for arch, target in ARCHITECTURES.items():  # registering again replaces the entry with itself
+        ModelRegistry.register_model(arch, target)
+    for arch in NO_PREFIX_CACHING:
+        MODELS_CONFIG_MAP[arch] = NoPrefixCaching
+
+
+__all__ = ["ARCHITECTURES", "register", "update_weights"]
