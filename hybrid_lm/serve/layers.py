@@ -58,6 +58,20 @@ def layer_metadata(prefix: str):
     return None if metadata is None else metadata.get(prefix)
 
 
+def paged_attention(layer: hf.Attention, prefix: str, kv_source: Optional[str] = None) -> PagedAttention:
+    """vLLM's attention (paged KV cache) for one of our attention layers: its heads, its window."""
+    cache_config = get_current_vllm_config().cache_config
+    if layer.window is None and cache_config.sliding_window is not None:
+        # vLLM applies the config's sliding_window to a layer that names none; ours are per layer
+        cache_config = copy.copy(cache_config)
+        cache_config.sliding_window = None
+    differential = hasattr(layer, "inner_cross_attn")
+    return PagedAttention(num_heads=layer.heads, head_size=layer.head_dim * (2 if differential else 1),
+                          scale=layer.head_dim ** -0.5, num_kv_heads=layer.kv_heads, cache_config=cache_config,
+                          per_layer_sliding_window=layer.window, prefix=f"{prefix}.paged",
+                          kv_sharing_target_layer_name=kv_source)
+
+
 class Attention(hf.Attention):
     """Our attention (projections, QK-norm, RoPE, differential combination) over vLLM's paged
     KV cache. A cross layer (SambaY) computes queries only and reads `kv_source`'s cache."""
@@ -66,16 +80,7 @@ class Attention(hf.Attention):
                  shares_kv: bool = False, *, prefix: str, kv_source: Optional[str] = None):
         super().__init__(config, layer_idx, window, cross, shares_kv)
         self.differential = config.differential_attention
-        cache_config = get_current_vllm_config().cache_config
-        if window is None and cache_config.sliding_window is not None:
-            # vLLM applies the config's sliding_window to a layer that names none; ours are per layer
-            cache_config = copy.copy(cache_config)
-            cache_config.sliding_window = None
-        self.paged = PagedAttention(
-            num_heads=self.heads, head_size=self.head_dim * (2 if self.differential else 1),
-            scale=self.head_dim ** -0.5, num_kv_heads=self.kv_heads, cache_config=cache_config,
-            per_layer_sliding_window=window, prefix=f"{prefix}.paged",
-            kv_sharing_target_layer_name=kv_source if cross else None)
+        self.paged = paged_attention(self, prefix, kv_source if cross else None)
 
     def forward(self, x: Tensor, step: ServeStep) -> Tensor:
         q = self._q(x, step.positions)[0]
