@@ -18,7 +18,7 @@ ARCHITECTURES = {
 }
 # state-slot models: vLLM's prefix caching would skip recomputing a cached prefix, but their
 # states (conv/SSM, LRT's latent) are kept per request, not per block
-NO_PREFIX_CACHING = ("SambaForCausalLM", "SambaYForCausalLM", "LRTForCausalLM")
+HYBRIDS = ("SambaForCausalLM", "SambaYForCausalLM", "LRTForCausalLM")
 
 
 def register() -> None:
@@ -27,12 +27,11 @@ def register() -> None:
     from vllm import ModelRegistry
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
-    from .config import NoPrefixCaching
+    from .config import HybridHooks, ServeHooks
 
     for arch, target in ARCHITECTURES.items():  # registering again replaces the entry with itself
         ModelRegistry.register_model(arch, target)
-    for arch in NO_PREFIX_CACHING:
-        MODELS_CONFIG_MAP[arch] = NoPrefixCaching
+        MODELS_CONFIG_MAP[arch] = HybridHooks if arch in HYBRIDS else ServeHooks
 
 
 __all__ = ["ARCHITECTURES", "register", "update_weights"]

@@ -1,11 +1,19 @@
 """Pushing weights into a running vLLM engine (what TRL, verl and OpenRLHF do after each
-policy update)."""
+policy update).
+
+`update_weights(llm, weights)` checks names and shapes against the served config, packs the
+tensors with safetensors and calls `hybrid_lm_load_weights` on every worker: a method of the
+`WeightSync` worker extension that our config hook gives each engine serving a hybrid_lm
+checkpoint. There the model's own `load_weights` copies them in place.
+"""
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from typing import Union
 
 import torch
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
 
 Weights = Union[Mapping[str, torch.Tensor], Iterable[tuple[str, torch.Tensor]]]
 
@@ -27,7 +35,7 @@ def update_weights(llm, weights: Weights) -> list[str]:
     config = llm.llm_engine.model_config.hf_config
     shapes = expected_shapes(config)
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    pairs = []
+    tensors = {}
     for name, tensor in (weights.items() if isinstance(weights, Mapping) else weights):
         if name in tied:
             continue
@@ -35,8 +43,23 @@ def update_weights(llm, weights: Weights) -> list[str]:
             raise ValueError(f"weights: {name!r} is not a tensor of the served {config.model_type} model")
         if tuple(tensor.shape) != shapes[name]:
             raise ValueError(f"weights: {name!r} expected shape {list(shapes[name])}, got {list(tensor.shape)}")
-        pairs.append((name, tensor.detach().to("cpu").contiguous()))
-    # vLLM's in-place reload; checkpoint names are our parameter names, so no conversion
-    llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=pairs, is_checkpoint_format=False))
+        tensors[name] = tensor.detach().to("cpu").contiguous()
+    try:
+        llm.collective_rpc("hybrid_lm_load_weights", args=(save_bytes(tensors),))
+    except Exception as e:
+        if "hybrid_lm_load_weights" in str(e):
+            raise RuntimeError("update_weights: this engine has another worker extension; add "
+                               "hybrid_lm.serve.weights.WeightSync's method to it") from e
+        raise
     llm.reset_prefix_cache()
-    return [name for name, _ in pairs]
+    return list(tensors)
+
+
+class WeightSync:
+    """Worker extension (vLLM's `worker_extension_cls`): methods callable by collective_rpc."""
+
+    def hybrid_lm_load_weights(self, blob: bytes) -> list[str]:
+        model = self.model_runner.model
+        device = next(model.parameters()).device
+        loaded = model.load_weights((k, v.to(device)) for k, v in load_bytes(blob).items())
+        return sorted(loaded)
