@@ -54,6 +54,7 @@ import torch
 import hybrid_lm
 from hybrid_lm.archs import ARCHS
 
+from . import vllm_engine
 from .kernels import add_arch_arguments, device_name, device_slug, free_memory, progress
 
 
@@ -414,6 +415,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{' '.join(map(str, cpu.batch_sizes))} on a CPU)")
     parser.add_argument("--quick", action="store_true",
                         help="the test sweep: " + ", ".join(f"{k} {v}" for k, v in SWEEPS["quick"]._asdict().items()))
+    parser.add_argument("--engine", choices=("hf", "vllm"), default="hf",
+                        help="hf: our models' own decode loop (default); vllm: served through hybrid_lm.serve, "
+                             "one generate call per row, prefill included (hybrid_lm.bench.vllm_engine)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -431,9 +435,15 @@ def run(args: argparse.Namespace) -> int:
     slug = device_slug(device)
     out = args.out or Path("benchmarks/results") / slug
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"decode-{slug}"
+    vllm = args.engine == "vllm"
+    if vllm:
+        vllm_engine.require_vllm()
+    stem = out / f"decode{'-vllm' if vllm else ''}-{slug}"
 
     info = meta(device, dtype, sweep, archs, args.quick)
+    info.update(engine=args.engine, vllm=vllm_engine.vllm_version() if vllm else None)
+    if vllm:
+        info["decode_step"] = vllm_engine.DECODE_ROW
     print(f"{info['device']}, {info['dtype']}: {sweep.preset} models, prompt {sweep.prompt_len}, up to "
           f"{sweep.gen_len} generated, batch {', '.join(map(str, sweep.batch_sizes))}; torch {info['torch']}")
     rows = []
@@ -450,15 +460,18 @@ def run(args: argparse.Namespace) -> int:
                 bar.write(f"error: {row['arch']} batch {row['batch']}: {row['error'][:300]}")
 
         for arch in archs:
-            bench_arch(arch, sweep, device, dtype, emit, bar)
+            if vllm:
+                vllm_engine.decode_rows(arch, sweep, checkpoints(sweep.gen_len), dtype, emit, bar)
+            else:
+                bench_arch(arch, sweep, device, dtype, emit, bar)
         bar.close()
 
     summary = ratios(rows)
     Path(f"{stem}.json").write_text(json.dumps({"meta": info, "sambay_vs_transformer": summary, "rows": rows},
                                                indent=1) + "\n")
     print_table(rows)
-    title = (f"hybrid-lm decode, {info['device']}, {info['dtype']}, {sweep.preset} models, "
-             f"prompt {sweep.prompt_len}, {'CUDA-graph' if device.type == 'cuda' else 'eager'} decode step")
+    step = "vLLM" if vllm else "CUDA-graph decode step" if device.type == "cuda" else "eager decode step"
+    title = f"hybrid-lm decode, {info['device']}, {info['dtype']}, {sweep.preset} models, prompt {sweep.prompt_len}, {step}"
     wrote_png = plot(rows, title, Path(f"{stem}.png"))
     print(f"wrote {stem}.json, {stem}.jsonl"
           + (f", {stem}.png" if wrote_png else " (no PNG: matplotlib missing, or no row ran)"))
