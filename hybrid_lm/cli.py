@@ -16,6 +16,7 @@ BENCHMARKS = {
     "kernels": "time every kernel against the PyTorch reference and installed baselines",
     "decode": "tokens per second and cache bytes versus generation length, per architecture",
     "train": "training step time, tokens/s, peak memory and MFU per architecture, vs the Transformer",
+    "rollout": "a web-agent RL rollout (concurrent multi-turn sessions) through vLLM, per architecture",
 }
 
 

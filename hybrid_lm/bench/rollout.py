@@ -1,0 +1,179 @@
+"""Rollout benchmark: `hybrid-lm bench rollout`, the serving workload of online multi-turn RL for
+web agents, through one vLLM engine per architecture (hybrid_lm.serve).
+
+C sessions run K turns each. A turn appends an observation of O tokens (an accessibility tree,
+here random tokens) to the session's history and generates an action of A tokens (greedy,
+ignore_eos), which joins the history too. The sessions advance together: turn k of every session
+is one batch of C requests submitted to the engine at once, so vLLM's continuous batching mixes
+their prefills and decodes. Each turn is a new request over the whole history: the Transformer
+reuses cached prefixes (vLLM's prefix caching, on by default), the hybrids re-prefill (their
+per-request states cannot be restored from a prefix cache), which this workload makes visible.
+
+Reported per arch: rollout tokens/s (observation + action tokens processed, over wall time),
+action tokens/s, per-turn latency percentiles (p50/p90/p99 over every session's turns: the
+engine's queue-to-last-token time of each request), and peak state memory: C sessions' serving
+state at their final length, in hybrid_lm.serve's cache layout (vllm_engine.state_bytes).
+Output: rollout-<device>.json / .jsonl and a PNG (latency per turn, tokens/s, state memory).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hybrid_lm.archs import ARCHS
+
+from . import vllm_engine
+from .decode import _positive, model_sizes
+from .kernels import add_arch_arguments, device_name, device_slug, progress
+
+DEFAULT_ARCHS = ("transformer", "samba", "sambay", "lrt")
+# (preset, sessions, turns, observation tokens, action tokens)
+DEFAULTS = {"gpu": ("phi4-mini-flash", 32, 8, 3000, 64), "cpu": ("tiny", 8, 4, 2000, 32),
+            "quick": ("tiny", 2, 2, 64, 8)}
+
+
+def request_latency(out, fallback: float) -> float:
+    """Queue-to-last-token seconds of one request from vLLM's stats (the call's wall time if absent)."""
+    m = getattr(out, "metrics", None)
+    if m is not None and getattr(m, "last_token_ts", 0) and getattr(m, "queued_ts", 0):
+        return m.last_token_ts - m.queued_ts
+    return fallback
+
+
+def rollout(arch: str, preset: str, sessions: int, turns: int, obs: int, act: int, dtype: torch.dtype, bar) -> dict:
+    """One arch's rollout (see the module docstring): a result row."""
+    max_len = turns * (obs + act) + 8
+    row = dict(arch=arch, preset=preset, sessions=sessions, turns=turns, obs_tokens=obs, action_tokens=act)
+    with vllm_engine.engine(arch, preset, max_len, dtype, disable_log_stats=False) as (llm, config):
+        g = torch.Generator().manual_seed(vllm_engine.SEED)
+        vllm_engine.generate(llm, [vllm_engine.random_tokens(obs, config.vocab_size, g)], 2)  # warm-up
+        histories = [[] for _ in range(sessions)]
+        latencies, turn_seconds = [], []
+        start = time.perf_counter()
+        for _ in range(turns):
+            for h in histories:
+                h.extend(vllm_engine.random_tokens(obs, config.vocab_size, g))
+            seconds, outs = vllm_engine.generate(llm, histories, act)
+            for h, out in zip(histories, outs):
+                h.extend(out.outputs[0].token_ids)
+                latencies.append(request_latency(out, seconds))
+            turn_seconds.append(seconds)
+            bar.update(1)
+        wall = time.perf_counter() - start
+        dtype_bytes = torch.finfo(dtype).bits // 8
+        row.update(
+            status="ok", prefix_caching=vllm_engine.prefix_caching(llm), wall_s=wall,
+            rollout_tokens_per_s=sessions * turns * (obs + act) / wall, action_tokens_per_s=sessions * turns * act / wall,
+            latency_p50_s=float(np.percentile(latencies, 50)), latency_p90_s=float(np.percentile(latencies, 90)),
+            latency_p99_s=float(np.percentile(latencies, 99)), turn_s=turn_seconds,
+            peak_state_bytes=sessions * vllm_engine.state_bytes(config, len(histories[0]), dtype_bytes))
+    return row
+
+
+def print_table(rows: list) -> None:
+    print(f"\n{'arch':<12} {'prefix$':>7} {'rollout tok/s':>13} {'action tok/s':>12} {'p50 s':>7} {'p90 s':>7} "
+          f"{'p99 s':>7} {'state MiB':>9}")
+    for r in rows:
+        if r.get("status") != "ok":
+            print(f"{r['arch']:<12} error: {r.get('error', '')[:100]}")
+            continue
+        print(f"{r['arch']:<12} {str(r['prefix_caching']):>7} {r['rollout_tokens_per_s']:>13.1f} "
+              f"{r['action_tokens_per_s']:>12.1f} {r['latency_p50_s']:>7.3f} {r['latency_p90_s']:>7.3f} "
+              f"{r['latency_p99_s']:>7.3f} {r['peak_state_bytes'] / 2**20:>9.2f}")
+
+
+def plot(rows: list, title: str, path: Path) -> bool:
+    ok = [r for r in rows if r.get("status") == "ok"]
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    if not ok:
+        return False
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for r in ok:
+        axes[0].plot(range(1, len(r["turn_s"]) + 1), r["turn_s"], marker="o", label=r["arch"])
+    axes[0].set(xlabel="turn", ylabel="seconds per turn (all sessions)", title="turn time as histories grow")
+    axes[0].legend()
+    names = [r["arch"] for r in ok]
+    axes[1].bar(names, [r["rollout_tokens_per_s"] for r in ok])
+    axes[1].set(ylabel="tokens/s", title="rollout throughput (obs + action tokens)")
+    axes[2].bar(names, [r["peak_state_bytes"] / 2**20 for r in ok])
+    axes[2].set(ylabel="MiB", title="peak serving state (all sessions)")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `hybrid-lm bench rollout`; a value left out comes from the device's defaults."""
+    gpu, cpu = DEFAULTS["gpu"], DEFAULTS["cpu"]
+    add_arch_arguments(parser, DEFAULT_ARCHS, gpu[0], cpu[0])
+    for flag, i, what in (("--sessions", 1, "concurrent sessions"), ("--turns", 2, "turns per session"),
+                          ("--obs-tokens", 3, "observation tokens per turn"), ("--action-tokens", 4, "action tokens per turn")):
+        parser.add_argument(flag, type=_positive, default=None, help=f"{what} (default: {gpu[i]} on a GPU, {cpu[i]} on a CPU)")
+    parser.add_argument("--quick", action="store_true", help="the test sizes: " + " ".join(map(str, DEFAULTS["quick"])))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark; 0 when every arch ran, 1 when any failed."""
+    vllm_engine.require_vllm()
+    archs = [a for arg in (args.archs or DEFAULT_ARCHS) for a in arg.split(",") if a]
+    unknown = [a for a in archs if a not in ARCHS]
+    if unknown:
+        print(f"--archs: unknown {', '.join(unknown)}; choose from {', '.join(ARCHS)}", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    d = DEFAULTS["quick" if args.quick else "gpu" if device.type == "cuda" else "cpu"]
+    preset = args.preset or d[0]
+    sessions, turns = args.sessions or d[1], args.turns or d[2]
+    obs, act = args.obs_tokens or d[3], args.action_tokens or d[4]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    slug = device_slug(device)
+    out = args.out or Path("benchmarks/results") / slug
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"rollout-{slug}"
+    info = dict(device=device_name(device), torch=torch.__version__, vllm=vllm_engine.vllm_version(),
+                dtype=str(dtype).removeprefix("torch."), preset=preset, archs=archs,
+                models={a: model_sizes(a, preset) for a in archs}, sessions=sessions, turns=turns, obs_tokens=obs,
+                action_tokens=act, started=time.strftime("%Y-%m-%dT%H:%M:%S%z"), argv=sys.argv,
+                workload=__doc__.split("\n\n")[1].replace("\n", " "))
+    print(f"{info['device']}, {info['dtype']}, vLLM {info['vllm']}: {preset} models, {sessions} sessions x {turns} turns, "
+          f"observation {obs} + action {act} tokens per turn")
+    rows = []
+    bar = progress(len(archs) * turns)
+    with open(f"{stem}.jsonl", "w") as jsonl:
+        jsonl.write(json.dumps({"meta": info}) + "\n")
+        for arch in archs:
+            bar.set_postfix_str(arch, refresh=False)
+            try:
+                row = rollout(arch, preset, sessions, turns, obs, act, dtype, bar)
+            except Exception as e:  # the other archs still run
+                row = dict(arch=arch, status="error", error=f"{type(e).__name__}: {e}")
+            rows.append(row)
+            jsonl.write(json.dumps(row) + "\n")
+            jsonl.flush()
+    bar.close()
+    Path(f"{stem}.json").write_text(json.dumps({"meta": info, "rows": rows}, indent=1) + "\n")
+    print_table(rows)
+    title = (f"hybrid-lm rollout, {info['device']}, {info['dtype']}, {preset} models, vLLM {info['vllm']}: "
+             f"{sessions} sessions x {turns} turns, obs {obs} + action {act}")
+    wrote = plot(rows, title, Path(f"{stem}.png"))
+    print(f"wrote {stem}.json, {stem}.jsonl" + (f", {stem}.png" if wrote else ""))
+    return int(any(r.get("status") != "ok" for r in rows))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    sys.exit(run(parser.parse_args()))

@@ -1,0 +1,35 @@
+"""The vLLM benchmarks run end to end on the quick sizes and write their table, JSON and PNG."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from hybrid_lm.bench import decode, rollout
+
+
+def _args(module, argv):
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_rollout_quick(tmp_path, capsys):
+    assert rollout.run(_args(rollout, ["--quick", "--archs", "sambay", "--out", str(tmp_path)])) == 0
+    result = json.loads(next(tmp_path.glob("rollout-*.json")).read_text())
+    (row,) = result["rows"]
+    assert row["status"] == "ok" and row["prefix_caching"] is False  # refused for hybrids
+    assert row["rollout_tokens_per_s"] > 0 and 0 < row["latency_p50_s"] <= row["latency_p99_s"]
+    assert len(row["turn_s"]) == result["meta"]["turns"] and row["peak_state_bytes"] > 0
+    assert next(tmp_path.glob("rollout-*.png")).stat().st_size > 0
+    assert "rollout tok/s" in capsys.readouterr().out
+
+
+def test_decode_with_vllm_quick(tmp_path):
+    args = _args(decode, ["--quick", "--engine", "vllm", "--archs", "transformer", "--batch-sizes", "2",
+                          "--out", str(tmp_path)])
+    assert decode.run(args) == 0
+    result = json.loads(next(tmp_path.glob("decode-vllm-*.json")).read_text())
+    assert result["meta"]["engine"] == "vllm"
+    rows = result["rows"]
+    assert [r["generated"] for r in rows] == decode.checkpoints(args.gen_len or decode.SWEEPS["quick"].gen_len)
+    assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 and r["cache_bytes"] > 0 for r in rows)
