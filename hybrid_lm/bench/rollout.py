@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -147,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
                 dtype=str(dtype).removeprefix("torch."), preset=preset, archs=archs,
                 models={a: model_sizes(a, preset) for a in archs}, sessions=sessions, turns=turns, obs_tokens=obs,
                 action_tokens=act, started=time.strftime("%Y-%m-%dT%H:%M:%S%z"), argv=sys.argv,
+                load_avg_1min=os.getloadavg()[0],  # CPU timings on a busy machine mean little
                 workload=__doc__.split("\n\n")[1].replace("\n", " "))
     print(f"{info['device']}, {info['dtype']}, vLLM {info['vllm']}: {preset} models, {sessions} sessions x {turns} turns, "
           f"observation {obs} + action {act} tokens per turn")

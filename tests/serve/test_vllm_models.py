@@ -13,6 +13,8 @@ from serving import ENGINE_ARGS, hf_greedy, tiny_checkpoint, vllm_greedy
 ARCHS = ["transformer", "samba", "sambay", "sambay-da", "lrt"]
 # prompts of 1 to 45 tokens; 40 generated tokens cross the tiny window (16) from every start
 LENGTHS = [1, 5, 23, 45]
+# the transformer gets a window too, so every arch's windowed attention is exercised
+OVERRIDES = {"transformer": {"sliding_window": 16}}
 
 
 def prompts_of(lengths, seed=1):
@@ -26,8 +28,7 @@ def served(request, tmp_path_factory):
 
     arch = request.param
     path = tmp_path_factory.mktemp(arch)
-    # the transformer gets a window too, so every arch's windowed attention is exercised
-    model = tiny_checkpoint(path, arch, **({"sliding_window": 16} if arch == "transformer" else {}))
+    model = tiny_checkpoint(path, arch, **OVERRIDES.get(arch, {}))
     # a small token budget splits long prompts into chunks and mixes prefill chunks with decodes;
     # LRT's chunked prefill continues from the carried latent, which a whole-prompt forward does
     # not (by design), so LRT keeps whole prompts
@@ -59,7 +60,7 @@ def test_update_weights_serves_the_new_policy(served, tmp_path):
     from hybrid_lm.serve import update_weights
 
     arch, path, model, llm = served
-    other = tiny_checkpoint(tmp_path / "other", arch, seed=7)
+    other = tiny_checkpoint(tmp_path / "other", arch, seed=7, **OVERRIDES.get(arch, {}))
     prompts, n = prompts_of([6, 19], seed=3), [24, 24]
     update_weights(llm, other.state_dict())
     assert vllm_greedy(llm, prompts, n) == hf_greedy(other, prompts, n)

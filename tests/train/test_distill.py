@@ -99,7 +99,7 @@ def setup(tmp_path_factory):
     distribution is far from the student's) and an initial student, saved as checkpoints."""
     root = tmp_path_factory.mktemp("distill")
     tokenizer = data.train_tokenizer(data.load_documents(None, "train")[:200], 512)
-    overrides = dict(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,
+    overrides = dict(vocab_size=len(tokenizer), head_dim=None, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,
                      pad_token_id=tokenizer.eos_token_id)
     torch.manual_seed(123)
     teacher = hybrid_lm.build(hybrid_lm.config("transformer", "tiny", num_hidden_layers=2, **overrides))
