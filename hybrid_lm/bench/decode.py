@@ -52,10 +52,9 @@ from typing import Callable, Iterator, NamedTuple, Optional, Union
 import torch
 
 import hybrid_lm
-from hybrid_lm.archs import ARCHS
 
 from . import vllm_engine
-from .kernels import add_arch_arguments, device_name, device_slug, free_memory, progress
+from .kernels import add_arch_arguments, chosen_archs, device_name, device_slug, free_memory, progress
 
 
 class Sweep(NamedTuple):
@@ -422,10 +421,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark; 0 when every row ran (skips included), 1 when any row failed."""
-    archs = [a for arg in (args.archs or DEFAULT_ARCHS) for a in arg.split(",") if a]
-    unknown = [a for a in archs if a not in ARCHS]
-    if unknown:
-        print(f"--archs: unknown {', '.join(unknown)}; choose from {', '.join(ARCHS)}", file=sys.stderr)
+    archs = chosen_archs(args.archs, DEFAULT_ARCHS)
+    if archs is None:
         return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     default = SWEEPS["quick" if args.quick else "gpu" if device.type == "cuda" else "cpu"]

@@ -27,11 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hybrid_lm.archs import ARCHS
 
 from . import vllm_engine
 from .decode import _positive, model_sizes
-from .kernels import add_arch_arguments, device_name, device_slug, progress
+from .kernels import add_arch_arguments, chosen_archs, device_name, device_slug, progress
 
 DEFAULT_ARCHS = ("transformer", "samba", "sambay", "lrt")
 # (preset, sessions, turns, observation tokens, action tokens)
@@ -129,10 +128,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark; 0 when every arch ran, 1 when any failed."""
     vllm_engine.require_vllm()
-    archs = [a for arg in (args.archs or DEFAULT_ARCHS) for a in arg.split(",") if a]
-    unknown = [a for a in archs if a not in ARCHS]
-    if unknown:
-        print(f"--archs: unknown {', '.join(unknown)}; choose from {', '.join(ARCHS)}", file=sys.stderr)
+    archs = chosen_archs(args.archs, DEFAULT_ARCHS)
+    if archs is None:
         return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     d = DEFAULTS["quick" if args.quick else "gpu" if device.type == "cuda" else "cpu"]

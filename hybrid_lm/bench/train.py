@@ -31,11 +31,10 @@ from typing import NamedTuple
 import torch
 
 import hybrid_lm
-from hybrid_lm.archs import ARCHS
 from hybrid_lm.train.optim import build_optimizer
 from hybrid_lm.train.pretrain import batch_loss, flops_per_token, peak_flops
 
-from .kernels import add_arch_arguments, device_name, device_slug, free_memory, progress
+from .kernels import add_arch_arguments, chosen_archs, device_name, device_slug, free_memory, progress
 
 
 class Setup(NamedTuple):
@@ -169,10 +168,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """0 when every arch ran, 1 when any failed, 2 on an unknown arch."""
-    archs = [a for arg in (args.archs or DEFAULT_ARCHS) for a in arg.split(",") if a]
-    unknown = [a for a in archs if a not in ARCHS]
-    if unknown:
-        print(f"--archs: unknown {', '.join(unknown)}; choose from {', '.join(ARCHS)}", file=sys.stderr)
+    archs = chosen_archs(args.archs, DEFAULT_ARCHS)
+    if archs is None:
         return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     default = SETUPS["quick" if args.quick else "gpu" if device.type == "cuda" else "cpu"]

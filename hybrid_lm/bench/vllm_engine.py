@@ -16,7 +16,6 @@ import gc
 import tempfile
 import time
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Iterator
 
 import torch

@@ -7,6 +7,8 @@ registry; this module imports vLLM only inside its functions, so `import hybrid_
 """
 from __future__ import annotations
 
+import hybrid_lm.archs  # noqa: F401  (registers our configs with transformers' AutoConfig, for vLLM's config loading)
+
 from .weights import update_weights
 
 # architectures in our checkpoints' config.json -> the vLLM model class serving them
@@ -23,7 +25,6 @@ HYBRIDS = ("SambaForCausalLM", "SambaYForCausalLM", "LRTForCausalLM")
 
 def register() -> None:
     """Register every architecture with vLLM's ModelRegistry (safe to call more than once)."""
-    import hybrid_lm  # noqa: F401  (registers our configs with transformers' AutoConfig)
     from vllm import ModelRegistry
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
