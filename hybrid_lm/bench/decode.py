@@ -394,7 +394,8 @@ def meta(device: torch.device, dtype: torch.dtype, sweep: Sweep, archs: list, qu
 # the run
 # ---------------------------------------------------------------------------------------------
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
@@ -405,11 +406,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `hybrid-lm bench decode`; a value left out comes from the device's sweep."""
     gpu, cpu = SWEEPS["gpu"], SWEEPS["cpu"]
     add_arch_arguments(parser, DEFAULT_ARCHS, gpu.preset, cpu.preset)
-    parser.add_argument("--prompt-len", type=_positive, default=None,
+    parser.add_argument("--prompt-len", type=positive_int, default=None,
                         help=f"prompt tokens (default: {gpu.prompt_len} on a GPU, {cpu.prompt_len} on a CPU)")
-    parser.add_argument("--gen-len", type=_positive, default=None,
+    parser.add_argument("--gen-len", type=positive_int, default=None,
                         help=f"tokens generated (default: {gpu.gen_len} on a GPU, {cpu.gen_len} on a CPU)")
-    parser.add_argument("--batch-sizes", nargs="+", type=_positive, default=None, metavar="B",
+    parser.add_argument("--batch-sizes", nargs="+", type=positive_int, default=None, metavar="B",
                         help=f"batch sizes (default: {' '.join(map(str, gpu.batch_sizes))} on a GPU, "
                              f"{' '.join(map(str, cpu.batch_sizes))} on a CPU)")
     parser.add_argument("--quick", action="store_true",

@@ -29,7 +29,7 @@ import torch
 
 
 from . import vllm_engine
-from .decode import _positive, model_sizes
+from .decode import positive_int, model_sizes
 from .kernels import add_arch_arguments, chosen_archs, device_name, device_slug, progress
 
 DEFAULT_ARCHS = ("transformer", "samba", "sambay", "lrt")
@@ -121,7 +121,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_arch_arguments(parser, DEFAULT_ARCHS, gpu[0], cpu[0])
     for flag, i, what in (("--sessions", 1, "concurrent sessions"), ("--turns", 2, "turns per session"),
                           ("--obs-tokens", 3, "observation tokens per turn"), ("--action-tokens", 4, "action tokens per turn")):
-        parser.add_argument(flag, type=_positive, default=None, help=f"{what} (default: {gpu[i]} on a GPU, {cpu[i]} on a CPU)")
+        parser.add_argument(flag, type=positive_int, default=None, help=f"{what} (default: {gpu[i]} on a GPU, {cpu[i]} on a CPU)")
     parser.add_argument("--quick", action="store_true", help="the test sizes: " + " ".join(map(str, DEFAULTS["quick"])))
 
 

@@ -184,17 +184,18 @@ class LayerFactory:
         self.prefix = prefix
         self.kv_source: Optional[str] = None
 
-    def _name(self, layer_idx: int) -> str:
+    def name(self, layer_idx: int) -> str:
+        """The vLLM layer name (prefix) of layer `layer_idx`'s mixer."""
         return f"{self.prefix}model.layers.{layer_idx}.attn"
 
     def Mamba(self, config: HybridConfig, layer_idx: int) -> Mamba:
-        return Mamba(config, layer_idx, prefix=self._name(layer_idx))
+        return Mamba(config, layer_idx, prefix=self.name(layer_idx))
 
     def Attention(self, config: HybridConfig, layer_idx: int, window: Optional[int] = None, cross: bool = False,
                   shares_kv: bool = False) -> Attention:
         if shares_kv:
-            self.kv_source = f"{self._name(layer_idx)}.paged"
-        return Attention(config, layer_idx, window, cross, shares_kv, prefix=self._name(layer_idx),
+            self.kv_source = f"{self.name(layer_idx)}.paged"
+        return Attention(config, layer_idx, window, cross, shares_kv, prefix=self.name(layer_idx),
                          kv_source=self.kv_source)
 
     GMU = staticmethod(hf.GMU)
@@ -203,7 +204,8 @@ class LayerFactory:
 class CausalLM(nn.Module):
     """The vLLM side of a hybrid_lm checkpoint: the module tree of hybrid_lm.archs (same tensor
     names), `forward` returning final hidden states, `compute_logits`, and `load_weights`.
-    A family provides `build_mixers(config, factory)` and may override `hidden_states`."""
+    A family subclass defines `build_mixers(config, factory)`, one mixer per layer (called in
+    __init__), and may override `extra_modules` and `hidden_states`."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
@@ -214,9 +216,6 @@ class CausalLM(nn.Module):
                                             **self.extra_modules(config))
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-
-    def build_mixers(self, config: HybridConfig, factory: LayerFactory) -> list[nn.Module]:
-        raise NotImplementedError
 
     def extra_modules(self, config: HybridConfig) -> dict[str, nn.Module]:
         return {}

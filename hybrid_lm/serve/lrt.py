@@ -68,7 +68,7 @@ class LRTForCausalLM(hf_lrt.LRTLayers, CausalLM, HasInnerState, IsHybrid):
                                   prefix=f"{prefix}.model.layers.{L}.latent" if prefix else f"model.layers.{L}.latent")
 
     def build_mixers(self, config: LRTConfig, factory: LayerFactory) -> list[nn.Module]:
-        return [LRTAttention(config, i, prefix=factory._name(i)) for i in range(config.num_hidden_layers)]
+        return [LRTAttention(config, i, prefix=factory.name(i)) for i in range(config.num_hidden_layers)]
 
     def extra_modules(self, config: LRTConfig) -> dict[str, nn.Module]:
         return {"feedback": hf_lrt.feedback_projections(config)}
