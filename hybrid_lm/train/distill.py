@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
@@ -264,7 +262,26 @@ def cache_topk(teacher, rows: data.PackedRows, num_rows: int, k: int, path, temp
     return path
 
 
-class TopkRows:
+class RowCursor:
+    """Rows 0..n-1 walked in order and repeating, rank-strided; resumable (state_dict)."""
+    rank: int
+    world_size: int
+    pos: int
+
+    def take(self, n: int, batch_size: int) -> list[int]:
+        """This rank's next batch_size row indices."""
+        idx = [(self.pos + self.rank + j * self.world_size) % n for j in range(batch_size)]
+        self.pos += batch_size * self.world_size
+        return idx
+
+    def state_dict(self) -> dict:
+        return {"pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pos = state["pos"]
+
+
+class TopkRows(RowCursor):
     """Batches from a cache_topk directory, in order, repeating; resumable like PackedRows.
     batch(B) -> (inputs, targets, cu_seqlens, topk_ids, topk_logprobs)."""
 
@@ -281,16 +298,8 @@ class TopkRows:
         self.seq_len = self.tokens.shape[1] - 1
         self.rank, self.world_size, self.pos = rank, world_size, 0
 
-    def state_dict(self) -> dict:
-        return {"pos": self.pos}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.pos = state["pos"]
-
     def batch(self, batch_size: int):
-        n = len(self.tokens)
-        idx = [(self.pos + self.rank + j * self.world_size) % n for j in range(batch_size)]
-        self.pos += batch_size * self.world_size
+        idx = self.take(len(self.tokens), batch_size)
         tokens = self.tokens[idx]
         return (tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), [self.cu[i] for i in idx],
                 self.ids[idx], self.logprobs[idx])
@@ -358,7 +367,7 @@ def completion_rows(pairs: list[tuple[list[int], list[int]]], seq_len: int, pad_
     return inputs, targets
 
 
-class SequenceRows:
+class SequenceRows(RowCursor):
     """Batches of teacher generations, in order, repeating; resumable.
     batch(B) -> (inputs, targets with IGNORE outside completions, cu_seqlens: one segment a row)."""
 
@@ -368,16 +377,8 @@ class SequenceRows:
         self.pairs, self.seq_len, self.pad_id = pairs, seq_len, pad_id
         self.rank, self.world_size, self.pos = rank, world_size, 0
 
-    def state_dict(self) -> dict:
-        return {"pos": self.pos}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.pos = state["pos"]
-
     def batch(self, batch_size: int):
-        n = len(self.pairs)
-        idx = [(self.pos + self.rank + j * self.world_size) % n for j in range(batch_size)]
-        self.pos += batch_size * self.world_size
+        idx = self.take(len(self.pairs), batch_size)
         inputs, targets = completion_rows([self.pairs[i] for i in idx], self.seq_len, self.pad_id)
         return inputs, targets, [torch.tensor([0, self.seq_len], dtype=torch.int32)] * batch_size
 
@@ -531,71 +532,19 @@ def run(args: argparse.Namespace) -> int:
     else:
         rows_iter = data.PackedRows(train_docs, tokenizer, args.seq_len, rank=rank, world_size=world, seed=args.seed)
 
-    tokens_per_step = args.batch_size * args.grad_accum * args.seq_len * world
-    total = args.max_steps if args.tokens is None else math.ceil(args.tokens / tokens_per_step)
-    start, metrics_rows = 0, 0
-    if state is not None:
-        pretrain.load_optimizer(net, optimizer, state["optimizer"])
-        rows_iter.load_state_dict(state["data"])
-        torch.set_rng_state(state["rng"])
-        start, metrics_rows = state["step"], state["metrics_rows"]
+    def loss_fn(batch) -> torch.Tensor:
+        return step_loss(args, net, teacher, batch, device)
 
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    metrics_path = out / "metrics.jsonl"
-    if main_rank:
-        kept = metrics_path.read_text().splitlines()[:metrics_rows] if state is not None and metrics_path.exists() else []
-        metrics_path.write_text("".join(line + "\n" for line in kept))
-    stop = total if args.stop_at is None else min(total, args.stop_at)
-    bar = pretrain.progress(range(start, stop), main_rank, initial=start, total=total)
-    clock, logged = time.perf_counter(), start
-    interval_loss = torch.zeros((), device=device)
-    for step in bar:
-        optimizer.lr_scale(optim.wsd_schedule(step, total, args.warmup))
-        loss_sum = torch.zeros((), device=device)
-        for _ in range(args.grad_accum):
-            batch = rows_iter.batch(args.batch_size)
-            with autocast:
-                loss = step_loss(args, net, teacher, batch, device) / args.grad_accum
-            loss.backward()
-            loss_sum += loss.detach()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        interval_loss += loss_sum
-        done = step + 1
-        if done % args.log_every == 0 or done == stop or done % args.eval_every == 0:
-            if world > 1:
-                torch.distributed.all_reduce(interval_loss, op=torch.distributed.ReduceOp.SUM)
-                interval_loss /= world
-            tps = tokens_per_step * (done - logged) / (time.perf_counter() - clock)
-            row = {"step": done, "loss": float(interval_loss) / (done - logged),
-                   "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": round(tps, 1)}
-            if done % args.eval_every == 0 or done == stop:
-                student = pretrain.unwrap(net)
-                with autocast:
-                    row["val_loss"], row["val_bpb"] = pretrain.evaluate(student, tokenizer, val_docs, args.seq_len,
-                                                                        device, args.eval_batches, args.batch_size)
-                    row["val_kl"] = evaluate_kl(student, teacher, tokenizer, val_docs, args.seq_len, device,
-                                                args.eval_batches, args.batch_size)
-            if main_rank:
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-                metrics_rows += 1
-                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tps:.0f}")
-            clock, logged = time.perf_counter(), done
-            interval_loss.zero_()
-        if done % args.save_every == 0 or done == stop:
-            pretrain.save(out, net, tokenizer, optimizer, rows_iter, done, metrics_rows, main_rank)
-            pretrain.barrier(world)
-    if main_rank:
-        pretrain.plot_loss(metrics_path, out / "loss.png")
-    if args.sample and stop == total:
-        text = pretrain.sample(pretrain.unwrap(net), tokenizer, device, args.sample)
-        if main_rank:
-            print(text)
-    if world > 1:
-        torch.distributed.destroy_process_group()
-    return 0
+    def eval_fn(student) -> dict:
+        with pretrain.autocast(device):
+            val_loss, val_bpb = pretrain.evaluate(student, tokenizer, val_docs, args.seq_len, device,
+                                                  args.eval_batches, args.batch_size)
+            val_kl = evaluate_kl(student, teacher, tokenizer, val_docs, args.seq_len, device, args.eval_batches,
+                                 args.batch_size)
+        return {"val_loss": val_loss, "val_bpb": val_bpb, "val_kl": val_kl}
+
+    return pretrain.train_loop(args, net, optimizer, rows_iter, tokenizer, out, state, device, world, main_rank,
+                               loss_fn, eval_fn)
 
 
 def main(argv: Optional[list] = None) -> int:

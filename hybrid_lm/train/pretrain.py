@@ -21,7 +21,7 @@ import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -284,6 +284,39 @@ def run(args: argparse.Namespace) -> int:
     optimizer = optim.build_optimizer(net, args.optimizer, args.lr)
     rows_iter = data.PackedRows(train_docs, tokenizer, args.seq_len, rank=rank, world_size=world, seed=args.seed,
                                 mix_rows=args.mix_rows)
+    passes = 1 + (1 if model.config.arch == "lrt" else 0)  # LRT: pass 0 plus one refinement per token
+    flops = flops_per_token(model, args.seq_len, passes)
+    peak = peak_flops(device)
+
+    def loss_fn(batch) -> torch.Tensor:
+        inputs, targets, cu = batch
+        return batch_loss(net, inputs.to(device), targets.to(device), cu)
+
+    def eval_fn(model) -> dict:
+        val_loss, val_bpb = evaluate(model, tokenizer, val_docs, args.seq_len, device, args.eval_batches,
+                                     args.batch_size)
+        return {"val_loss": val_loss, "val_bpb": val_bpb}
+
+    def mfu(tokens_per_s: float) -> Optional[float]:
+        return None if peak is None else round(tokens_per_s * flops / (peak * world), 4)
+
+    return train_loop(args, net, optimizer, rows_iter, tokenizer, out, state, device, world, main_rank,
+                      loss_fn, eval_fn, mfu)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on a GPU, nothing on a CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def train_loop(args, net, optimizer, rows_iter, tokenizer, out: Path, state: Optional[dict], device: torch.device,
+               world: int, main_rank: bool, loss_fn: Callable[[tuple], torch.Tensor],
+               eval_fn: Callable[[torch.nn.Module], dict],
+               mfu: Optional[Callable[[float], Optional[float]]] = None) -> int:
+    """The training loop of pretrain and distill: resume from `state`, then WSD-scheduled steps of
+    loss_fn(rows_iter.batch(B)) with gradient accumulation and clipping; a metrics.jsonl row every
+    log_every steps (eval_fn(model)'s validation metrics every eval_every, and MFU when `mfu` is
+    given); atomic checkpoints; loss.png and a sample at the end."""
     tokens_per_step = args.batch_size * args.grad_accum * args.seq_len * world
     total = args.max_steps if args.tokens is None else math.ceil(args.tokens / tokens_per_step)
     start, metrics_rows = 0, 0
@@ -292,11 +325,6 @@ def run(args: argparse.Namespace) -> int:
         rows_iter.load_state_dict(state["data"])
         torch.set_rng_state(state["rng"])
         start, metrics_rows = state["step"], state["metrics_rows"]
-
-    passes = 1 + (1 if model.config.arch == "lrt" else 0)  # LRT: pass 0 plus one refinement per token
-    flops = flops_per_token(model, args.seq_len, passes)
-    peak = peak_flops(device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     metrics_path = out / "metrics.jsonl"
     if main_rank:  # a resumed run keeps the rows up to its checkpoint, dropping any logged after it
         kept = metrics_path.read_text().splitlines()[:metrics_rows] if state is not None and metrics_path.exists() else []
@@ -309,9 +337,9 @@ def run(args: argparse.Namespace) -> int:
         optimizer.lr_scale(optim.wsd_schedule(step, total, args.warmup))
         loss_sum = torch.zeros((), device=device)
         for _ in range(args.grad_accum):
-            inputs, targets, cu = rows_iter.batch(args.batch_size)
-            with autocast:
-                loss = batch_loss(net, inputs.to(device), targets.to(device), cu) / args.grad_accum
+            batch = rows_iter.batch(args.batch_size)
+            with autocast(device):
+                loss = loss_fn(batch) / args.grad_accum
             loss.backward()
             loss_sum += loss.detach()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -326,16 +354,18 @@ def run(args: argparse.Namespace) -> int:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             tps = tokens_per_step * (done - logged) / (time.perf_counter() - clock)
-            row = {"step": done, "loss": float(interval_loss) / (done - logged), "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": round(tps, 1),
-                   "mfu": None if peak is None else round(tps * flops / (peak * world), 4)}
+            row = {"step": done, "loss": float(interval_loss) / (done - logged), "lr": optimizer.param_groups[0]["lr"],
+                   "tokens_per_s": round(tps, 1)}
+            postfix = dict(loss=f"{row['loss']:.3f}", tok_s=f"{tps:.0f}")
+            if mfu is not None:
+                row["mfu"] = postfix["mfu"] = mfu(tps)
             if done % args.eval_every == 0 or done == stop:
-                row["val_loss"], row["val_bpb"] = evaluate(unwrap(net), tokenizer, val_docs, args.seq_len, device,
-                                                           args.eval_batches, args.batch_size)
+                row.update(eval_fn(unwrap(net)))
             if main_rank:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
                 metrics_rows += 1
-                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tps:.0f}", mfu=row["mfu"])
+                bar.set_postfix(**postfix)
             clock, logged = time.perf_counter(), done  # evaluation time is not training time
             interval_loss.zero_()
         if done % args.save_every == 0 or done == stop:
