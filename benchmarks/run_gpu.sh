@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Kernel tests and the kernel benchmark on a lent GPU machine (H100/H200 through the device tool;
+# Kernel tests and every benchmark on a lent GPU machine (H100/H200 through the device tool;
 # see shared/ENVIRONMENT.md: PyTorch 2.11, CUDA 13, Triton 3.6, no network, no mamba-ssm or
 # causal-conv1d unless built here from sdists).
 #
@@ -10,11 +10,17 @@
 #   bash benchmarks/run_gpu.sh bench [OPTIONS]  python -m hybrid_lm.bench.kernels --out $OUT [OPTIONS]
 #                                               (--ops, --quick, --dtype)  -> kernels-<device>.json/.jsonl/.png,
 #                                               bench-<device>.log
+#   bash benchmarks/run_gpu.sh models           the model benchmarks: bench train, then bench decode (phi4-mini-flash
+#                                               size, prompt 2048, up to GEN_LEN=8192 generated, batch 1 and 64),
+#                                               then, if vLLM is importable, decode --engine vllm and rollout
+#                                               -> train-/decode-/decode-vllm-/rollout-<device>.json/.jsonl/.png
+#                                               (each bounded by the call's time; rows measured before a cut stay)
 #   bash benchmarks/run_gpu.sh build-baselines  builds causal-conv1d and mamba-ssm from the sdists in .whl/
 #                                               (name ".whl" in the call's carry) for this GPU's architecture
 #                                               only, into this machine's Python  -> build-<device>.log
 #   bash benchmarks/run_gpu.sh build-baselines-bg   the same, detached: returns at once
-#   Stages join with commas and share the call's time: `tests,bench [OPTIONS]` (alias `all`),
+#   Stages join with commas and share the call's time: `tests,bench [OPTIONS]` (alias `all`; `models`
+#   wants a call of its own),
 #   `build-baselines,bench [OPTIONS]`. Installs vanish with the machine, which goes back about 30 s
 #   after a call ends, so the baselines must be built in the call that benchmarks them or in the
 #   one before: `build-baselines-bg`, then `tests` while it compiles, then `bench`, which waits
@@ -26,7 +32,7 @@
 #
 # Then commit the returned files under benchmarks/results/<device>/. Environment knobs: PYTHON
 # (default python3), BUDGET (seconds this call may use, default 570), BUILD_WAIT (default 300),
-# MAX_JOBS (parallel nvcc jobs, default 16).
+# MAX_JOBS (parallel nvcc jobs, default 16), GEN_LEN (models: tokens generated, default 8192).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -100,6 +106,22 @@ run_bench() {
     return "${PIPESTATUS[0]}"
 }
 
+run_models() {
+    echo "== model benchmarks =="
+    local rc=0
+    timeout "$(left)" $PY -m hybrid_lm.bench.train --out "$OUT" 2>&1 | tee "$OUT/models-$slug.log" || rc=1
+    timeout "$(left)" $PY -m hybrid_lm.bench.decode --out "$OUT" --gen-len "${GEN_LEN:-8192}" 2>&1 |
+        tee -a "$OUT/models-$slug.log" || rc=1
+    if $PY -c "import vllm" 2>/dev/null; then  # no vllm on the lent machines unless carried there as wheels
+        timeout "$(left)" $PY -m hybrid_lm.bench.decode --engine vllm --out "$OUT" --gen-len "${GEN_LEN:-8192}" 2>&1 |
+            tee -a "$OUT/models-$slug.log" || rc=1
+        timeout "$(left)" $PY -m hybrid_lm.bench.rollout --out "$OUT" 2>&1 | tee -a "$OUT/models-$slug.log" || rc=1
+    else
+        echo "vllm is not importable here: decode --engine vllm and rollout skipped" | tee -a "$OUT/models-$slug.log"
+    fi
+    return "$rc"
+}
+
 # Their setup.py files compile for every architecture from sm_75 to sm_121 whatever
 # TORCH_CUDA_ARCH_LIST says (9 targets, far over a 10-minute call): keep this GPU's only.
 build_baselines() {
@@ -142,8 +164,8 @@ shift || true
 IFS=, read -ra stages <<< "$stages"
 for stage in "${stages[@]:-}"; do
     case "$stage" in
-        tests | bench | build-baselines | build-baselines-bg) ;;
-        *) sed -n '2,29p' "$0"; exit 2 ;;
+        tests | bench | models | build-baselines | build-baselines-bg) ;;
+        *) sed -n '2,35p' "$0"; exit 2 ;;
     esac
 done
 report_env
@@ -152,6 +174,7 @@ for stage in "${stages[@]}"; do
     case "$stage" in
         tests) run_tests || rc=1 ;;
         bench) run_bench "$@" || rc=1 ;;
+        models) run_models || rc=1 ;;
         build-baselines) build_baselines 2>&1 | tee "$OUT/build-$slug.log" || rc=1 ;;
         build-baselines-bg)
             # its own session, so it outlives this call (the device tool ends the rest) and

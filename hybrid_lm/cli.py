@@ -1,4 +1,4 @@
-"""The `hybrid-lm` command line: `hybrid-lm bench kernels`, and more subcommands as they land."""
+"""The `hybrid-lm` command line: pretrain, distill, demo and bench."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +10,9 @@ import hybrid_lm
 # Each command's module provides add_arguments(parser) and run(args) -> exit code.
 COMMANDS = {"pretrain": ("hybrid_lm.train.pretrain", "pretrain a model (default: a tiny SambaY on the embedded corpus)"),
             "distill": ("hybrid_lm.train.distill", "distill a teacher causal LM into a student (logit KD, top-k KD, "
-                        "sequence-level KD)")}
+                        "sequence-level KD)"),
+            "demo": ("hybrid_lm.demo", "the pipeline end to end: pretrain a tiny SambaY and Transformer, serve both "
+                     "in vLLM, run the rollout workload, compare")}
 # `hybrid-lm bench NAME` runs module hybrid_lm.bench.NAME
 BENCHMARKS = {
     "kernels": "time every kernel against the PyTorch reference and installed baselines",

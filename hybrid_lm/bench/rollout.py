@@ -47,33 +47,40 @@ def request_latency(out, fallback: float) -> float:
 
 
 def rollout(arch: str, preset: str, sessions: int, turns: int, obs: int, act: int, dtype: torch.dtype, bar) -> dict:
-    """One arch's rollout (see the module docstring): a result row."""
+    """One arch's rollout on a fresh seeded model (see the module docstring): a result row."""
     max_len = turns * (obs + act) + 8
-    row = dict(arch=arch, preset=preset, sessions=sessions, turns=turns, obs_tokens=obs, action_tokens=act)
+    row = dict(arch=arch, preset=preset)
     with vllm_engine.engine(arch, preset, max_len, dtype, disable_log_stats=False) as (llm, config):
-        g = torch.Generator().manual_seed(vllm_engine.SEED)
-        vllm_engine.generate(llm, [vllm_engine.random_tokens(obs, config.vocab_size, g)], 2)  # warm-up
-        histories = [[] for _ in range(sessions)]
-        latencies, turn_seconds = [], []
-        start = time.perf_counter()
-        for _ in range(turns):
-            for h in histories:
-                h.extend(vllm_engine.random_tokens(obs, config.vocab_size, g))
-            seconds, outs = vllm_engine.generate(llm, histories, act)
-            for h, out in zip(histories, outs):
-                h.extend(out.outputs[0].token_ids)
-                latencies.append(request_latency(out, seconds))
-            turn_seconds.append(seconds)
-            bar.update(1)
-        wall = time.perf_counter() - start
-        dtype_bytes = torch.finfo(dtype).bits // 8
-        row.update(
-            status="ok", prefix_caching=vllm_engine.prefix_caching(llm), wall_s=wall,
-            rollout_tokens_per_s=sessions * turns * (obs + act) / wall, action_tokens_per_s=sessions * turns * act / wall,
-            latency_p50_s=float(np.percentile(latencies, 50)), latency_p90_s=float(np.percentile(latencies, 90)),
-            latency_p99_s=float(np.percentile(latencies, 99)), turn_s=turn_seconds,
-            peak_state_bytes=sessions * vllm_engine.state_bytes(config, len(histories[0]), dtype_bytes))
+        row.update(run_sessions(llm, config, sessions, turns, obs, act, dtype, bar))
     return row
+
+
+def run_sessions(llm, config, sessions: int, turns: int, obs: int, act: int, dtype: torch.dtype, bar) -> dict:
+    """The rollout workload on a running engine (started with disable_log_stats=False, for the
+    per-request latencies): its measurements."""
+    g = torch.Generator().manual_seed(vllm_engine.SEED)
+    vllm_engine.generate(llm, [vllm_engine.random_tokens(obs, config.vocab_size, g)], 2)  # warm-up
+    histories = [[] for _ in range(sessions)]
+    latencies, turn_seconds = [], []
+    start = time.perf_counter()
+    for _ in range(turns):
+        for h in histories:
+            h.extend(vllm_engine.random_tokens(obs, config.vocab_size, g))
+        seconds, outs = vllm_engine.generate(llm, histories, act)
+        for h, out in zip(histories, outs):
+            h.extend(out.outputs[0].token_ids)
+            latencies.append(request_latency(out, seconds))
+        turn_seconds.append(seconds)
+        bar.update(1)
+    wall = time.perf_counter() - start
+    dtype_bytes = torch.finfo(dtype).bits // 8
+    return dict(
+        sessions=sessions, turns=turns, obs_tokens=obs, action_tokens=act,
+        status="ok", prefix_caching=vllm_engine.prefix_caching(llm), wall_s=wall,
+        rollout_tokens_per_s=sessions * turns * (obs + act) / wall, action_tokens_per_s=sessions * turns * act / wall,
+        latency_p50_s=float(np.percentile(latencies, 50)), latency_p90_s=float(np.percentile(latencies, 90)),
+        latency_p99_s=float(np.percentile(latencies, 99)), turn_s=turn_seconds,
+        peak_state_bytes=sessions * vllm_engine.state_bytes(config, len(histories[0]), dtype_bytes))
 
 
 def print_table(rows: list) -> None:

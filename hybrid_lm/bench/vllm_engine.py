@@ -49,25 +49,32 @@ def state_bytes(config, tokens: int, dtype_bytes: int) -> int:
 
 
 @contextmanager
-def engine(arch: str, preset: str, max_len: int, dtype: torch.dtype, **engine_args) -> Iterator[tuple]:
-    """(vllm.LLM, config) serving a fresh seeded `arch` model of `preset` with room for max_len tokens."""
+def serve(path, max_len: int, dtype: torch.dtype, **engine_args) -> Iterator:
+    """A `vllm.LLM` serving the checkpoint at `path` (prompts as token ids), shut down on exit."""
     from vllm import LLM
 
+    on_cpu = not torch.cuda.is_available()
+    llm = LLM(str(path), skip_tokenizer_init=True, dtype=str(dtype).removeprefix("torch."), max_model_len=max_len,
+              seed=SEED, enforce_eager=on_cpu, gpu_memory_utilization=0.2 if on_cpu else 0.85, **engine_args)
+    try:
+        yield llm
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+
+
+@contextmanager
+def engine(arch: str, preset: str, max_len: int, dtype: torch.dtype, **engine_args) -> Iterator[tuple]:
+    """(vllm.LLM, config) serving a fresh seeded `arch` model of `preset` with room for max_len tokens."""
     torch.manual_seed(SEED)
     config = hybrid_lm.config(arch, preset, max_position_embeddings=max(max_len, 2048))
     with tempfile.TemporaryDirectory(prefix=f"hybrid-lm-{arch}-") as path:
         model = hybrid_lm.build(config).to(dtype)
         model.save_pretrained(path)
         del model
-        on_cpu = not torch.cuda.is_available()
-        llm = LLM(path, skip_tokenizer_init=True, dtype=str(dtype).removeprefix("torch."), max_model_len=max_len,
-                  seed=SEED, enforce_eager=on_cpu, gpu_memory_utilization=0.2 if on_cpu else 0.85, **engine_args)
-        try:
+        with serve(path, max_len, dtype, **engine_args) as llm:
             yield llm, config
-        finally:
-            llm.llm_engine.engine_core.shutdown()
-            del llm
-            gc.collect()
 
 
 def prefix_caching(llm) -> bool:
