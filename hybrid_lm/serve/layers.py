@@ -152,8 +152,9 @@ class Mamba(hf.Mamba, StateSlots):
         md = layer_metadata(self.prefix)
         if md is None:  # profiling run: one stateless sequence
             u = K.causal_conv1d(xs[None], weight, self.conv1d.bias, "silu")
-            y = K.selective_scan(u, *self.ssm_inputs(u), A, D, None if gate is None else gate[None], bias, True)[0]
-            return self.output(y[None], z[None], return_memory)
+            delta, B, C = self.ssm_inputs(u)
+            y = K.selective_scan(u, delta, A, B, C, D, None if gate is None else gate[None], bias, True)
+            return self.output(y, z[None], return_memory)
         conv, ssm = self.kv_cache
         nd, n = md.num_decode_tokens, md.num_decode_tokens + md.num_prefill_tokens
         y = xs.new_zeros(xs.shape)  # rows past n (padding) stay zero

