@@ -1,4 +1,4 @@
-"""The `hybrid-lm` command line: pretrain, distill, demo and bench."""
+"""The `hybrid-lm` command line: pretrain, distill, convert, demo and bench."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +11,8 @@ import hybrid_lm
 COMMANDS = {"pretrain": ("hybrid_lm.train.pretrain", "pretrain a model (default: a tiny SambaY on the embedded corpus)"),
             "distill": ("hybrid_lm.train.distill", "distill a teacher causal LM into a student (logit KD, top-k KD, "
                         "sequence-level KD)"),
+            "convert": ("hybrid_lm.convert", "convert a checkpoint between the released Phi-4-mini-flash format and "
+                        "ours (sambay-da)"),
             "demo": ("hybrid_lm.demo", "the pipeline end to end: pretrain a tiny SambaY and Transformer, serve both "
                      "in vLLM, run the rollout workload, compare")}
 # `hybrid-lm bench NAME` runs module hybrid_lm.bench.NAME

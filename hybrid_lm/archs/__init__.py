@@ -1,15 +1,18 @@
 """Model families on hybrid_lm.kernels, registered with transformers' Auto classes on import."""
+import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .cache import HybridCache
 from .config import ARCHS, PRESETS, HybridConfig, config
 from .lrt import LRTForCausalLM
 from .model import HybridPreTrainedModel
+from .phi4flash import Phi4FlashForCausalLM
 from .samba import SambaForCausalLM, SambaYForCausalLM
 from .transformer import TransformerForCausalLM
 
 MODEL_CLASSES: dict[type, type] = {
-    cls.config_class: cls for cls in (TransformerForCausalLM, SambaForCausalLM, SambaYForCausalLM, LRTForCausalLM)
+    cls.config_class: cls for cls in (TransformerForCausalLM, SambaForCausalLM, SambaYForCausalLM, LRTForCausalLM,
+                                    Phi4FlashForCausalLM)
 }
 
 for _config_cls, _model_cls in MODEL_CLASSES.items():
@@ -26,4 +29,15 @@ def build(config: HybridConfig) -> HybridPreTrainedModel:
     return cls(config)
 
 
-__all__ = ["ARCHS", "PRESETS", "HybridCache", "HybridConfig", "HybridPreTrainedModel", "build", "config"]
+def expected_shapes(config: HybridConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor name of `config`'s checkpoints and its shape (the model built on the meta
+    device: no memory, any size). A tied lm_head is absent, as in the files."""
+    with torch.device("meta"):
+        model = build(config)
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
+__all__ = ["ARCHS", "PRESETS", "HybridCache", "HybridConfig", "HybridPreTrainedModel", "build", "config", "expected_shapes"]

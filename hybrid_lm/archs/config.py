@@ -137,7 +137,20 @@ CONFIG_CLASSES = {"transformer": TransformerConfig, "samba": SambaConfig, "samba
                   "sambay-da": SambaYConfig, "lrt": LRTConfig}
 
 
-def _preset_fields(arch: str, preset: str) -> dict:
+def preset_fields(arch: str, preset: str) -> dict:
+    """The config fields of `arch` at `preset` size, before overrides."""
+    fields = _size_fields(arch, preset)
+    if arch in ("sambay", "sambay-da"):
+        # SambaY needs no positional encoding: its Mamba layers carry position
+        fields.update(rope_theta=None, qk_norm=False)
+    if arch == "sambay-da":
+        fields["differential_attention"] = True
+    if arch == "samba":
+        fields.setdefault("rope_theta", 10000.0)
+    return fields
+
+
+def _size_fields(arch: str, preset: str) -> dict:
     hybrid = arch in ("samba", "sambay", "sambay-da")
     if preset == "tiny":
         # 8 layers: SambaY's cross-decoder then holds GMU and cross-attention layers, and every
@@ -173,14 +186,7 @@ def config(arch: str, preset: str = "tiny", **overrides: Any) -> HybridConfig:
         raise ValueError(f"arch: expected one of {', '.join(ARCHS)}, got {arch!r}")
     if preset not in PRESETS:
         raise ValueError(f"preset: expected one of tiny, d8..d24 (even), phi4-mini-flash, got {preset!r}")
-    fields = _preset_fields(arch, preset)
-    if arch in ("sambay", "sambay-da"):
-        # SambaY needs no positional encoding: its Mamba layers carry position
-        fields.update(rope_theta=None, qk_norm=False)
-    if arch == "sambay-da":
-        fields["differential_attention"] = True
-    if arch == "samba":
-        fields.setdefault("rope_theta", 10000.0)
+    fields = preset_fields(arch, preset)
     fields.update(overrides)
     cfg = CONFIG_CLASSES[arch](**fields)
     cfg.validate_arch()

@@ -79,11 +79,30 @@ class HybridPreTrainedModel(PreTrainedModel, GenerationMixin):
     _no_split_modules = ["DecoderLayer"]
     _supports_sdpa = True
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}  # tied only if the config says so
+    # loaded in bf16/fp16, these stay fp32 as stored (Mamba's decay rates, differential attention's lambdas)
+    _keep_in_fp32_modules_strict = ["A_log", "lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"]
 
     def __init__(self, config: HybridConfig):
         super().__init__(config)
         self.model, self.lm_head = backbone(config, self.build_mixers(config), **self.extra_modules(config))
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """transformers' from_pretrained, strict: a missing tensor, one the model lacks or one of
+        the wrong shape is a ValueError naming each (transformers would only warn, or not name it)."""
+        want_info = kwargs.pop("output_loading_info", False)
+        allow_mismatch = kwargs.pop("ignore_mismatched_sizes", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+        problems = [f"missing: {name}" for name in sorted(info.get("missing_keys", ()))]
+        problems += [f"unexpected: {name}" for name in sorted(info.get("unexpected_keys", ()))]
+        if not allow_mismatch:
+            problems += [f"{name}: expected shape {list(want)}, found {list(got)}"
+                         for name, got, want in sorted(info.get("mismatched_keys", ()))]
+        if problems:
+            raise ValueError(f"checkpoint {args[0] if args else ''}: tensors do not match a {model.config.model_type} "
+                             f"model:\n  " + "\n  ".join(problems))
+        return (model, info) if want_info else model
 
     # -- what a family provides: build_mixers(config) -> one mixer per layer; and may override these
 

@@ -17,10 +17,13 @@ ARCHITECTURES = {
     "SambaForCausalLM": "hybrid_lm.serve.samba:SambaForCausalLM",
     "SambaYForCausalLM": "hybrid_lm.serve.samba:SambaYForCausalLM",
     "LRTForCausalLM": "hybrid_lm.serve.lrt:LRTForCausalLM",
+    # Phi-4-mini-flash-reasoning's released format: our sambay-da under the release's config.json
+    # (hybrid_lm.archs.phi4flash); vLLM itself dropped this architecture after 0.10.2
+    "Phi4FlashForCausalLM": "hybrid_lm.serve.samba:SambaYForCausalLM",
 }
 # state-slot models: vLLM's prefix caching would skip recomputing a cached prefix, but their
 # states (conv/SSM, LRT's latent) are kept per request, not per block
-HYBRIDS = ("SambaForCausalLM", "SambaYForCausalLM", "LRTForCausalLM")
+HYBRIDS = ("SambaForCausalLM", "SambaYForCausalLM", "LRTForCausalLM", "Phi4FlashForCausalLM")
 
 
 def register() -> None:

@@ -15,16 +15,9 @@ import torch
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
+from hybrid_lm.archs import expected_shapes
+
 Weights = Union[Mapping[str, torch.Tensor], Iterable[tuple[str, torch.Tensor]]]
-
-
-def expected_shapes(config) -> dict[str, tuple[int, ...]]:
-    """Every checkpoint tensor name of `config`'s model and its shape (built on the meta device)."""
-    import hybrid_lm
-
-    with torch.device("meta"):
-        model = hybrid_lm.build(config)
-    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
 def update_weights(llm, weights: Weights) -> list[str]:
@@ -34,10 +27,9 @@ def update_weights(llm, weights: Weights) -> list[str]:
     first; the tied lm_head is skipped. Returns the names copied."""
     config = llm.llm_engine.model_config.hf_config
     shapes = expected_shapes(config)
-    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
     tensors = {}
     for name, tensor in (weights.items() if isinstance(weights, Mapping) else weights):
-        if name in tied:
+        if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
         if name not in shapes:
             raise ValueError(f"weights: {name!r} is not a tensor of the served {config.model_type} model")

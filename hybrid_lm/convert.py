@@ -1,0 +1,185 @@
+"""`hybrid-lm convert SRC DST`: Phi-4-mini-flash-reasoning's released format <-> ours.
+
+A checkpoint in the release's format (config.json with model_type "phi4flash", sharded
+safetensors with an index) becomes our native sambay-da checkpoint; one of ours built as the
+release (sambay-da at the phi4-mini-flash preset, or any size with the release's fixed choices)
+becomes the release's format, so a fine-tuned or distilled model can be published where others
+read it. The two formats share the module tree, so the tensors keep their names and are copied
+bit for bit, dtype included; only config.json is rewritten (archs/phi4flash.py). Other files
+(tokenizer, generation config, the release's code) are copied; trainer state is not.
+
+Every tensor is checked against the target model's names and shapes before anything is
+written. The output is assembled in a temporary folder beside DST and renamed at the end: a
+failed conversion leaves nothing behind, and an existing DST is never touched.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from hybrid_lm.archs import expected_shapes
+from hybrid_lm.archs.config import SambaYConfig
+from hybrid_lm.archs.phi4flash import Phi4FlashConfig, native_config, release_dict
+
+INDEX = "model.safetensors.index.json"
+WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors$")
+NOT_COPIED = {"config.json", INDEX, "trainer_state.pt"}
+_BYTES = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '2GiB' or a number of bytes -> bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]I?B|B)?\s*", str(text), re.I)
+    if not m or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a size such as 5GB, 500MB or a byte count, got {text!r}")
+    return int(float(m.group(1)) * _BYTES[(m.group(2) or "").upper()])
+
+
+def tensor_files(src: Path) -> dict[str, Path]:
+    """Each tensor name of the checkpoint at `src` -> the safetensors file holding it."""
+    if (src / INDEX).is_file():
+        try:
+            weight_map = json.loads((src / INDEX).read_text())["weight_map"]
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"{src / INDEX}: expected JSON with a 'weight_map', could not read it ({e})") from e
+        files = {name: src / file for name, file in weight_map.items()}
+        for file in sorted(set(files.values())):
+            if not file.is_file():
+                raise FileNotFoundError(f"{file}: listed in {INDEX} but missing")
+        return files
+    if (src / "model.safetensors").is_file():
+        with safe_open(src / "model.safetensors", "pt") as f:
+            return dict.fromkeys(f.keys(), src / "model.safetensors")
+    raise FileNotFoundError(f"{src}: expected model.safetensors or {INDEX}, found neither")
+
+
+def check_tensors(files: dict[str, Path], config: SambaYConfig) -> dict[str, int]:
+    """Raise ValueError naming every missing, unexpected or wrong-shaped tensor; returns each
+    tensor's size in bytes, in the model's order (embeddings, layers in order, final norm)."""
+    shapes = expected_shapes(config)
+    found: dict[str, tuple[list[int], int]] = {}
+    for file in sorted(set(files.values())):
+        with safe_open(file, "pt") as f:
+            for name in f.keys():
+                if files.get(name) == file:
+                    t = f.get_slice(name)
+                    found[name] = (list(t.get_shape()), _element_size(t.get_dtype()))
+    problems = [f"missing: {n}" for n in shapes if n not in found]
+    problems += [f"unexpected: {n}" for n in files if n not in shapes]
+    problems += [f"{n}: expected shape {list(s)}, found {found[n][0]}" for n, s in shapes.items()
+                 if n in found and found[n][0] != list(s)]
+    problems += [f"{n}: listed in the index, not in {files[n].name}" for n in files if n in shapes and n not in found]
+    if problems:
+        raise ValueError(f"checkpoint tensors do not match a {config.model_type} model of this config:\n  "
+                         + "\n  ".join(problems))
+    return {n: found[n][1] * _numel(found[n][0]) for n in shapes}
+
+
+def _element_size(dtype: str) -> int:
+    return {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "BF16": 2, "F16": 2, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1,
+            "F8_E4M3": 1, "F8_E5M2": 1}[dtype]
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def write_tensors(dst: Path, files: dict[str, Path], sizes: dict[str, int], max_shard_bytes: int) -> int:
+    """Copy the tensors into shards of at most max_shard_bytes (one tensor may exceed it alone):
+    model.safetensors if one shard suffices, else model-0000i-of-0000n.safetensors plus the
+    index. Returns the number of shards."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, size in sizes.items():
+        if shards[-1] and used + size > max_shard_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += size
+    n = len(shards)
+    shard_names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    progress = tqdm(total=len(sizes), desc="tensors", unit="tensor")
+    for shard, shard_name in zip(shards, shard_names):
+        tensors = {}
+        for name in shard:
+            with safe_open(files[name], "pt") as f:
+                tensors[name] = f.get_tensor(name)
+            progress.update()
+        save_file(tensors, dst / shard_name, metadata={"format": "pt"})
+    progress.close()
+    if n > 1:
+        weight_map = {name: shard_name for shard, shard_name in zip(shards, shard_names) for name in shard}
+        index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+        (dst / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return n
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, max_shard_size: int = 5 * 10**9) -> str:
+    """Convert the checkpoint at `src` (release format or ours) into the other format at `dst`
+    (which must not exist, or be an empty folder). Returns the format written: "phi4flash" or
+    "hybrid_sambay"."""
+    src, dst = Path(src), Path(dst)
+    if not (src / "config.json").is_file():
+        raise FileNotFoundError(f"{src}: expected a checkpoint folder with config.json")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise FileExistsError(f"{dst}: exists and is not an empty folder; choose a new output path")
+    try:
+        source = json.loads((src / "config.json").read_text())
+    except ValueError as e:
+        raise ValueError(f"{src / 'config.json'}: not valid JSON ({e})") from e
+    model_type = source.get("model_type")
+    if model_type == Phi4FlashConfig.model_type:
+        target = native_config(Phi4FlashConfig(**source))
+    elif model_type == SambaYConfig.model_type:
+        target = Phi4FlashConfig(**release_dict(SambaYConfig.from_pretrained(src)))
+    else:
+        raise ValueError(f"{src / 'config.json'}: expected model_type 'phi4flash' (the release) or "
+                         f"'hybrid_sambay' (ours, sambay-da), got {model_type!r}")
+    target.validate_arch()
+    files = tensor_files(src)
+    sizes = check_tensors(files, target)
+
+    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        write_tensors(tmp, files, sizes, max_shard_size)
+        if isinstance(target, Phi4FlashConfig):
+            (tmp / "config.json").write_text(json.dumps(release_dict(target), indent=2, sort_keys=True) + "\n")
+        else:
+            target.save_pretrained(tmp)
+        for item in src.iterdir():
+            if item.name in NOT_COPIED or WEIGHT_FILE.fullmatch(item.name):
+                continue
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+        if dst.exists():
+            dst.rmdir()
+        tmp.rename(dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target.model_type
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", help="checkpoint folder: the release's format (phi4flash) or ours (sambay-da)")
+    parser.add_argument("dst", help="output folder (must not exist yet); gets the other format")
+    parser.add_argument("--max-shard-size", type=parse_size, default="5GB",
+                        help="largest safetensors shard, e.g. 5GB (default) or 500MB")
+
+
+def run(args: argparse.Namespace) -> int:
+    written = convert(args.src, args.dst, args.max_shard_size)
+    print(f"wrote {args.dst} ({'the released Phi-4-mini-flash format' if written == 'phi4flash' else 'hybrid-lm sambay-da'})")
+    return 0

@@ -1,0 +1,114 @@
+"""`hybrid-lm convert`: the released format to ours and back, bit for bit; ours to the release
+for publishing; every tensor checked first, nothing written on failure."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from release import damaged
+from release import release_config, release_tensors, write_release
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+import hybrid_lm
+from hybrid_lm.cli import main
+from hybrid_lm.convert import convert, parse_size
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            out.update({name: f.get_tensor(name) for name in f.keys()})
+    return out
+
+
+def same_tensors(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+
+
+def test_release_to_native_and_back_is_bit_identical(tmp_path):
+    config, tensors = write_release(tmp_path / "release")
+    (tmp_path / "release" / "tokenizer_config.json").write_text('{"model_max_length": 2048}')
+    assert main(["convert", str(tmp_path / "release"), str(tmp_path / "native")]) == 0
+    native = json.loads((tmp_path / "native" / "config.json").read_text())
+    assert native["model_type"] == "hybrid_sambay" and native["differential_attention"]
+    assert (tmp_path / "native" / "model.safetensors").is_file()  # one shard fits the default 5GB
+    assert (tmp_path / "native" / "tokenizer_config.json").is_file()
+    assert same_tensors(read_tensors(tmp_path / "native"), tensors)
+
+    convert(tmp_path / "native", tmp_path / "back", max_shard_size=parse_size("200KB"))
+    back = tmp_path / "back"
+    assert json.loads((back / "config.json").read_text()) == config
+    index = json.loads((back / "model.safetensors.index.json").read_text())
+    shards = sorted(back.glob("model-*.safetensors"))
+    assert len(shards) > 1 and set(index["weight_map"].values()) == {f.name for f in shards}
+    assert same_tensors(read_tensors(back), tensors)
+    assert (back / "tokenizer_config.json").is_file()
+
+    ids = torch.randint(0, 512, (2, 21))
+    logits = [AutoModelForCausalLM.from_pretrained(tmp_path / d)(ids).logits for d in ("release", "native", "back")]
+    assert all(torch.equal(logits[0], x) for x in logits[1:])
+
+
+def test_a_native_model_publishes_in_the_release_format(tmp_path):
+    """Ours (sambay-da with the release's choices, trained in fp32) -> the release's format ->
+    loaded as Phi4FlashForCausalLM, same outputs; and back to ours, the same config."""
+    cfg = hybrid_lm.config("sambay-da", "phi4-mini-flash", vocab_size=300, hidden_size=64, intermediate_size=96,
+                           num_hidden_layers=8, num_attention_heads=2, num_key_value_heads=2,
+                           max_position_embeddings=512, sliding_window=8, bos_token_id=0, eos_token_id=0,
+                           pad_token_id=0)
+    model = hybrid_lm.build(cfg).eval()
+    model.save_pretrained(tmp_path / "ours")
+    convert(tmp_path / "ours", tmp_path / "release")
+    release = json.loads((tmp_path / "release" / "config.json").read_text())
+    assert release["model_type"] == "phi4flash" and release["architectures"] == ["Phi4FlashForCausalLM"]
+    assert release["layer_norm_eps"] == cfg.norm_eps and "norm_type" not in release
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "release")
+    assert type(loaded).__name__ == "Phi4FlashForCausalLM"
+    ids = torch.randint(0, 300, (1, 19))
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+    convert(tmp_path / "release", tmp_path / "ours_again")
+    first, again = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("ours", "ours_again"))
+    assert {k: v for k, v in again.items() if k != "phi4flash_fields"} == first
+    assert same_tensors(read_tensors(tmp_path / "ours_again"), read_tensors(tmp_path / "ours"))
+
+
+def test_a_model_the_release_cannot_express_is_refused(tmp_path):
+    hybrid_lm.build(hybrid_lm.config("sambay-da", "tiny")).save_pretrained(tmp_path / "ours")  # RMSNorm, no biases
+    with pytest.raises(ValueError, match="norm_type"):
+        convert(tmp_path / "ours", tmp_path / "release")
+    assert not (tmp_path / "release").exists()
+
+
+@pytest.mark.parametrize("damage", ["missing", "unexpected", "wrong shape"])
+def test_bad_tensors_are_named_and_nothing_is_written(tmp_path, damage):
+    # the head is tied: the release's files do not hold lm_head.weight
+    name = {"missing": "model.layers.4.attn.dt_proj.bias", "unexpected": "lm_head.weight",
+            "wrong shape": "model.layers.6.attn.in_proj.weight"}[damage]
+    write_release(tmp_path / "release", tensors=damaged(release_tensors(release_config()), damage, name))
+    with pytest.raises(ValueError, match=name.replace(".", r"\.")):
+        convert(tmp_path / "release", tmp_path / "native")
+    assert not (tmp_path / "native").exists() and list(tmp_path.iterdir()) == [tmp_path / "release"]
+
+
+def test_existing_output_and_missing_input_are_refused(tmp_path):
+    write_release(tmp_path / "release")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="taken"):
+        convert(tmp_path / "release", tmp_path / "taken")
+    assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        convert(tmp_path / "nowhere", tmp_path / "out")
+    (tmp_path / "release" / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model-00002-of-00002"):
+        convert(tmp_path / "release", tmp_path / "out")
+
+
+def test_parse_size():
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size("1234") == 1234
+    with pytest.raises(Exception, match="size"):
+        parse_size("big")
