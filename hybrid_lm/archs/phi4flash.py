@@ -20,7 +20,6 @@ import logging
 import math
 from typing import Any
 
-import torch
 import transformers
 from transformers import PretrainedConfig
 from transformers.generation import GenerationConfig
@@ -108,10 +107,11 @@ def release_dict(config: SambaYConfig) -> dict[str, Any]:
     out.update({k: getattr(config, k) for k in TOKEN_IDS if getattr(config, k, None) is not None})
     derived = {"mamba_dt_rank": math.ceil(config.hidden_size / 16), "mamba_conv_bias": True, "mamba_proj_bias": False}
     for name, default in derived.items():
-        value = getattr(config, name)
-        if name in kept or value != default:  # as the source wrote it, or where it differs
-            out[name] = OPTIONAL[name] if kept.get(name) == OPTIONAL[name] and value == default else value
-        kept.pop(name, None)
+        value, written = getattr(config, name), kept.pop(name, None)
+        if written is not None and (written == value or (written == "auto" and value == default)):
+            out[name] = written  # as the source wrote it
+        elif value != default:
+            out[name] = value
     out.update(kept)
     if config.dtype is not None:
         out["torch_dtype"] = str(config.dtype).removeprefix("torch.")

@@ -38,7 +38,8 @@ def release_tensors(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
     d, L = config["hidden_size"], config["num_hidden_layers"]
     H, Hkv = config["num_attention_heads"], config["num_key_value_heads"]
     dh, di, ff = d // H, config["mamba_expand"] * d, config["intermediate_size"]
-    N, W, r = config["mamba_d_state"], config["mamba_d_conv"], math.ceil(d / 16)
+    N, W, r = config["mamba_d_state"], config["mamba_d_conv"], config.get("mamba_dt_rank", "auto")
+    r = math.ceil(d / 16) if r == "auto" else r  # the release derives it when absent
 
     def rnd(*shape, scale=None, dtype=torch.bfloat16):
         scale = shape[-1] ** -0.5 if scale is None else scale

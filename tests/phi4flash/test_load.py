@@ -72,9 +72,12 @@ def test_unknown_fields_are_kept_and_reported_once(tmp_path, caplog):
     assert saved["zz_release_note"] == "kept" and saved["zz_other"] == [1, 2]
 
 
-def test_save_pretrained_writes_the_release_config(tmp_path):
-    """A loaded model saves config.json as the release wrote it (its field names, every field)."""
-    config, tensors = write_release(tmp_path / "release")
+@pytest.mark.parametrize("optional", [{}, {"mamba_dt_rank": "auto", "mamba_conv_bias": True, "mamba_proj_bias": False},
+                                      {"mamba_dt_rank": 4}])
+def test_save_pretrained_writes_the_release_config(tmp_path, optional):
+    """A loaded model saves config.json as the release wrote it (its field names, every field,
+    the optional Mamba fields only where the source had them)."""
+    config, tensors = write_release(tmp_path / "release", **optional)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "release")
     model.save_pretrained(tmp_path / "saved")
     assert json.loads((tmp_path / "saved" / "config.json").read_text()) == config

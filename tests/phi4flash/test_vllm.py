@@ -45,3 +45,22 @@ def test_vllm_loading_is_strict(tmp_path, monkeypatch, damage):
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in process, so the loader's error reaches us
     with pytest.raises(Exception, match=name.replace(".", r"\.")):
         LLM(str(tmp_path), skip_tokenizer_init=True, **ENGINE_ARGS)
+
+
+def test_vllm_serves_the_stored_bf16(tmp_path):
+    """With no dtype given vLLM serves the release's bf16 (A_log and lambdas stay fp32 in the
+    model), and its greedy tokens follow transformers' bf16 forward."""
+    from vllm import LLM
+
+    write_release(tmp_path, seed=4)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    prompt = torch.randint(0, 512, (30,), generator=torch.Generator().manual_seed(5)).tolist()
+    args = {**ENGINE_ARGS}
+    del args["dtype"]
+    llm = LLM(str(tmp_path), skip_tokenizer_init=True, **args)
+    try:
+        assert llm.llm_engine.model_config.dtype == torch.bfloat16
+        assert vllm_greedy(llm, [prompt], [12]) == hf_greedy(model, [prompt], [12])
+    finally:
+        del llm
+        gc.collect()
