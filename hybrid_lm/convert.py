@@ -5,7 +5,8 @@ safetensors with an index) becomes our native sambay-da checkpoint; one of ours 
 release (sambay-da at the phi4-mini-flash preset, or any size with the release's fixed choices)
 becomes the release's format, so a fine-tuned or distilled model can be published where others
 read it. The two formats share the module tree, so the tensors keep their names and are copied
-bit for bit, dtype included; only config.json is rewritten (archs/phi4flash.py). Other files
+bit for bit, dtype included, into the same files as the source's (or re-sharded on request);
+only config.json is rewritten (archs/phi4flash.py): a round trip gives back identical files. Other files
 (tokenizer, generation config, the release's code) are copied; trainer state is not.
 
 Every tensor is checked against the target model's names and shapes before anything is
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -80,7 +82,7 @@ def check_tensors(files: dict[str, Path], config: SambaYConfig) -> dict[str, int
     if problems:
         raise ValueError(f"checkpoint tensors do not match a {config.model_type} model of this config:\n  "
                          + "\n  ".join(problems))
-    return {n: found[n][1] * _numel(found[n][0]) for n in shapes}
+    return {n: found[n][1] * math.prod(found[n][0]) for n in shapes}
 
 
 def _element_size(dtype: str) -> int:
@@ -88,17 +90,17 @@ def _element_size(dtype: str) -> int:
             "F8_E4M3": 1, "F8_E5M2": 1}[dtype]
 
 
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+def source_shards(files: dict[str, Path], order: list[str]) -> list[tuple[str, list[str]]]:
+    """The source's own layout: (file name, its tensor names in model order) per file."""
+    by_file: dict[str, list[str]] = {}
+    for name in order:
+        by_file.setdefault(files[name].name, []).append(name)
+    return sorted(by_file.items())
 
 
-def write_tensors(dst: Path, files: dict[str, Path], sizes: dict[str, int], max_shard_bytes: int) -> int:
-    """Copy the tensors into shards of at most max_shard_bytes (one tensor may exceed it alone):
-    model.safetensors if one shard suffices, else model-0000i-of-0000n.safetensors plus the
-    index. Returns the number of shards."""
+def sized_shards(sizes: dict[str, int], max_shard_bytes: int) -> list[tuple[str, list[str]]]:
+    """Consecutive tensors (model order) in shards of at most max_shard_bytes (a larger tensor
+    gets a shard of its own), named model-0000i-of-0000n.safetensors, or model.safetensors alone."""
     shards: list[list[str]] = [[]]
     used = 0
     for name, size in sizes.items():
@@ -108,27 +110,35 @@ def write_tensors(dst: Path, files: dict[str, Path], sizes: dict[str, int], max_
         shards[-1].append(name)
         used += size
     n = len(shards)
-    shard_names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    if n == 1:
+        return [("model.safetensors", shards[0])]
+    return [(f"model-{i + 1:05d}-of-{n:05d}.safetensors", names) for i, names in enumerate(shards)]
+
+
+def write_tensors(dst: Path, files: dict[str, Path], shards: list[tuple[str, list[str]]], sizes: dict[str, int],
+                  index: bool) -> None:
+    """Copy each shard's tensors from their source files into dst/<shard file>; with `index`,
+    also write model.safetensors.index.json."""
     progress = tqdm(total=len(sizes), desc="tensors", unit="tensor")
-    for shard, shard_name in zip(shards, shard_names):
+    for shard_name, names in shards:
         tensors = {}
-        for name in shard:
+        for name in names:
             with safe_open(files[name], "pt") as f:
                 tensors[name] = f.get_tensor(name)
             progress.update()
         save_file(tensors, dst / shard_name, metadata={"format": "pt"})
     progress.close()
-    if n > 1:
-        weight_map = {name: shard_name for shard, shard_name in zip(shards, shard_names) for name in shard}
-        index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
-        (dst / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-    return n
+    if index:
+        weight_map = {name: shard_name for shard_name, names in shards for name in names}
+        (dst / INDEX).write_text(json.dumps({"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map},
+                                            indent=2) + "\n")
 
 
-def convert(src: str | os.PathLike, dst: str | os.PathLike, max_shard_size: int = 5 * 10**9) -> str:
+def convert(src: str | os.PathLike, dst: str | os.PathLike, max_shard_size: int | None = None) -> str:
     """Convert the checkpoint at `src` (release format or ours) into the other format at `dst`
-    (which must not exist, or be an empty folder). Returns the format written: "phi4flash" or
-    "hybrid_sambay"."""
+    (which must not exist, or be an empty folder). The tensors keep the source's files (shard
+    names, which tensor in which, the index), unless max_shard_size (bytes) asks for new shards.
+    Returns the format written: "phi4flash" or "hybrid_sambay"."""
     src, dst = Path(src), Path(dst)
     if not (src / "config.json").is_file():
         raise FileNotFoundError(f"{src}: expected a checkpoint folder with config.json")
@@ -154,7 +164,11 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, max_shard_size: int 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        write_tensors(tmp, files, sizes, max_shard_size)
+        if max_shard_size is None:
+            write_tensors(tmp, files, source_shards(files, list(sizes)), sizes, (src / INDEX).is_file())
+        else:
+            shards = sized_shards(sizes, max_shard_size)
+            write_tensors(tmp, files, shards, sizes, len(shards) > 1)
         if isinstance(target, Phi4FlashConfig):
             (tmp / "config.json").write_text(json.dumps(release_dict(target), indent=2, sort_keys=True) + "\n")
         else:
@@ -175,8 +189,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, max_shard_size: int 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", help="checkpoint folder: the release's format (phi4flash) or ours (sambay-da)")
     parser.add_argument("dst", help="output folder (must not exist yet); gets the other format")
-    parser.add_argument("--max-shard-size", type=parse_size, default="5GB",
-                        help="largest safetensors shard, e.g. 5GB (default) or 500MB")
+    parser.add_argument("--max-shard-size", type=parse_size, default=None,
+                        help="re-shard into files of at most this size, e.g. 5GB or 500MB (default: keep the "
+                             "source's files, so a round trip gives back the same files)")
 
 
 def run(args: argparse.Namespace) -> int:

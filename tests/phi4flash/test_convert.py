@@ -30,27 +30,40 @@ def same_tensors(a: dict, b: dict) -> bool:
 
 
 def test_release_to_native_and_back_is_bit_identical(tmp_path):
+    """The same files come back: shards byte for byte, the index, config.json, the other files."""
     config, tensors = write_release(tmp_path / "release")
     (tmp_path / "release" / "tokenizer_config.json").write_text('{"model_max_length": 2048}')
     assert main(["convert", str(tmp_path / "release"), str(tmp_path / "native")]) == 0
     native = json.loads((tmp_path / "native" / "config.json").read_text())
     assert native["model_type"] == "hybrid_sambay" and native["differential_attention"]
-    assert (tmp_path / "native" / "model.safetensors").is_file()  # one shard fits the default 5GB
     assert (tmp_path / "native" / "tokenizer_config.json").is_file()
     assert same_tensors(read_tensors(tmp_path / "native"), tensors)
 
-    convert(tmp_path / "native", tmp_path / "back", max_shard_size=parse_size("200KB"))
-    back = tmp_path / "back"
+    convert(tmp_path / "native", tmp_path / "back")
+    release, back = tmp_path / "release", tmp_path / "back"
+    assert sorted(p.name for p in back.iterdir()) == sorted(p.name for p in release.iterdir())
+    for shard in release.glob("*.safetensors"):
+        assert (back / shard.name).read_bytes() == shard.read_bytes(), shard.name
+    for name in ("config.json", "model.safetensors.index.json", "tokenizer_config.json"):
+        assert json.loads((back / name).read_text()) == json.loads((release / name).read_text()), name
     assert json.loads((back / "config.json").read_text()) == config
-    index = json.loads((back / "model.safetensors.index.json").read_text())
-    shards = sorted(back.glob("model-*.safetensors"))
-    assert len(shards) > 1 and set(index["weight_map"].values()) == {f.name for f in shards}
-    assert same_tensors(read_tensors(back), tensors)
-    assert (back / "tokenizer_config.json").is_file()
 
     ids = torch.randint(0, 512, (2, 21))
     logits = [AutoModelForCausalLM.from_pretrained(tmp_path / d)(ids).logits for d in ("release", "native", "back")]
     assert all(torch.equal(logits[0], x) for x in logits[1:])
+
+
+def test_max_shard_size_reshards(tmp_path):
+    _, tensors = write_release(tmp_path / "release")
+    convert(tmp_path / "release", tmp_path / "one", max_shard_size=parse_size("1GB"))
+    assert sorted(p.name for p in (tmp_path / "one").glob("model*")) == ["model.safetensors"]
+    convert(tmp_path / "one", tmp_path / "many", max_shard_size=parse_size("200KB"))
+    many = tmp_path / "many"
+    index = json.loads((many / "model.safetensors.index.json").read_text())
+    shards = sorted(many.glob("model-*.safetensors"))
+    assert len(shards) > 2 and set(index["weight_map"].values()) == {f.name for f in shards}
+    assert all(f.stat().st_size < 200_000 + 100_000 for f in shards)  # a shard's header adds a little
+    assert same_tensors(read_tensors(many), tensors) and same_tensors(read_tensors(tmp_path / "one"), tensors)
 
 
 def test_a_native_model_publishes_in_the_release_format(tmp_path):
