@@ -13,6 +13,7 @@ Decode rows: for each batch size and each checkpoint of the generation length, o
 from __future__ import annotations
 
 import gc
+import logging
 import tempfile
 import time
 from contextlib import contextmanager
@@ -53,6 +54,9 @@ def serve(path, max_len: int, dtype: torch.dtype, **engine_args) -> Iterator:
     """A `vllm.LLM` serving the checkpoint at `path` (prompts as token ids), shut down on exit."""
     from vllm import LLM
 
+    # without a tokenizer vLLM's chat-template warm-up fails and logs a traceback as a warning:
+    # harmless for token-id prompts, but it reads like a crash in the middle of a benchmark
+    logging.getLogger("vllm.renderers.base").setLevel(logging.ERROR)
     on_cpu = not torch.cuda.is_available()
     llm = LLM(str(path), skip_tokenizer_init=True, dtype=str(dtype).removeprefix("torch."), max_model_len=max_len,
               seed=SEED, enforce_eager=on_cpu, gpu_memory_utilization=0.2 if on_cpu else 0.85, **engine_args)
