@@ -124,10 +124,21 @@ class Phi4FlashConfig(SambaYConfig):
     holds ours. Missing fields take the released model's values."""
 
     model_type = "phi4flash"
+    attribute_map = dict(RENAMED)  # config.layer_norm_eps reads and writes norm_eps
 
     def __init__(self, **fields: Any):
         ours, kept = read_release(fields)
         super().__init__(**{**_PRESET, **ours}, phi4flash_fields=kept)
+
+    def __getattr__(self, name: str) -> Any:
+        """The release's own fields (config.hidden_act, config.mb_per_layer, unknown ones) read as
+        attributes, as with the release's config class; only reached when `name` is not ours."""
+        kept = self.__dict__.get("phi4flash_fields", {})
+        if name in kept:
+            return kept[name]
+        if name in RELEASE_ONLY:
+            return RELEASE_ONLY[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return release_dict(self)

@@ -40,6 +40,7 @@ def test_config_fields_are_read(tmp_path):
     assert (c.norm_eps, c.sliding_window, c.mamba_d_conv, c.mamba_dt_rank, c.head_dim) == (1e-6, 8, 3, 8, 32)
     assert (c.norm_type, c.attention_bias, c.rope_theta, c.residual_in_fp32, c.differential_attention) == (
         "layernorm", True, None, True, True)
+    assert (c.layer_norm_eps, c.hidden_act, c.mb_per_layer) == (1e-6, "silu", 2)  # the release's names read too
     layers = model.model.layers
     assert layers[0].input_layernorm.eps == 1e-6 and layers[0].attn.conv1d.weight.shape[-1] == 3
     assert [getattr(layer.attn, "window", None) for layer in layers] == [None, 8, None, 8, None, None, None, None]
@@ -67,6 +68,7 @@ def test_unknown_fields_are_kept_and_reported_once(tmp_path, caplog):
         AutoConfig.from_pretrained(tmp_path)
     reports = [r.getMessage() for r in caplog.records if "zz_release_note" in r.getMessage()]
     assert len(reports) == 1 and "zz_other" in reports[0]
+    assert model.config.zz_release_note == "kept"
     model.save_pretrained(tmp_path / "saved")
     saved = json.loads((tmp_path / "saved" / "config.json").read_text())
     assert saved["zz_release_note"] == "kept" and saved["zz_other"] == [1, 2]
