@@ -85,9 +85,14 @@ def check_tensors(files: dict[str, Path], config: SambaYConfig) -> dict[str, int
     return {n: found[n][1] * math.prod(found[n][0]) for n in shapes}
 
 
+_ELEMENT_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "BF16": 2, "F16": 2, "I16": 2, "U8": 1, "I8": 1,
+                  "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
 def _element_size(dtype: str) -> int:
-    return {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "BF16": 2, "F16": 2, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1,
-            "F8_E4M3": 1, "F8_E5M2": 1}[dtype]
+    if dtype not in _ELEMENT_BYTES:
+        raise ValueError(f"checkpoint: a tensor of safetensors dtype {dtype}; expected one of {sorted(_ELEMENT_BYTES)}")
+    return _ELEMENT_BYTES[dtype]
 
 
 def source_shards(files: dict[str, Path], order: list[str]) -> list[tuple[str, list[str]]]:
@@ -173,8 +178,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, max_shard_size: int 
             (tmp / "config.json").write_text(json.dumps(release_dict(target), indent=2, sort_keys=True) + "\n")
         else:
             target.save_pretrained(tmp)
+        weight_files = {file.name for file in files.values()}
         for item in src.iterdir():
-            if item.name in NOT_COPIED or WEIGHT_FILE.fullmatch(item.name):
+            if item.name in NOT_COPIED or item.name in weight_files or WEIGHT_FILE.fullmatch(item.name):
                 continue
             (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
         if dst.exists():
