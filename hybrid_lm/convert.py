@@ -26,6 +26,7 @@ from pathlib import Path
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
+from transformers.utils.hub import convert_file_size_to_int
 
 from hybrid_lm.archs import expected_shapes
 from hybrid_lm.archs.config import SambaYConfig
@@ -34,15 +35,17 @@ from hybrid_lm.archs.phi4flash import Phi4FlashConfig, native_config, release_di
 INDEX = "model.safetensors.index.json"
 WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors$")
 NOT_COPIED = {"config.json", INDEX, "trainer_state.pt"}
-_BYTES = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
 def parse_size(text: str) -> int:
-    """'5GB', '500MB', '2GiB' or a number of bytes -> bytes."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]I?B|B)?\s*", str(text), re.I)
-    if not m or float(m.group(1)) <= 0:
+    """'5GB', '500MB', '2GiB' (transformers' max_shard_size syntax) or a byte count -> bytes."""
+    try:
+        size = int(text) if str(text).isdigit() else convert_file_size_to_int(str(text))
+    except ValueError:
+        size = 0
+    if size <= 0:
         raise argparse.ArgumentTypeError(f"expected a size such as 5GB, 500MB or a byte count, got {text!r}")
-    return int(float(m.group(1)) * _BYTES[(m.group(2) or "").upper()])
+    return size
 
 
 def tensor_files(src: Path) -> dict[str, Path]:

@@ -105,7 +105,7 @@ def release_dict(config: SambaYConfig) -> dict[str, Any]:
     out.update({k: getattr(config, k) for k in SHARED})
     out.update({name: getattr(config, our) for name, our in RENAMED.items()})
     out.update({k: getattr(config, k) for k in TOKEN_IDS if getattr(config, k, None) is not None})
-    derived = {"mamba_dt_rank": math.ceil(config.hidden_size / 16), "mamba_conv_bias": True, "mamba_proj_bias": False}
+    derived = {**OPTIONAL, "mamba_dt_rank": math.ceil(config.hidden_size / 16)}  # the values when absent
     for name, default in derived.items():
         value, written = getattr(config, name), kept.pop(name, None)
         if written is not None and (written == value or (written == "auto" and value == default)):
