@@ -21,9 +21,8 @@ ARCHITECTURES = {
     # (hybrid_lm.archs.phi4flash); vLLM itself dropped this architecture after 0.10.2
     "Phi4FlashForCausalLM": "hybrid_lm.serve.samba:SambaYForCausalLM",
 }
-# state-slot models: vLLM's prefix caching would skip recomputing a cached prefix, but their
-# states (conv/SSM, LRT's latent) are kept per request, not per block
-HYBRIDS = ("SambaForCausalLM", "SambaYForCausalLM", "LRTForCausalLM", "Phi4FlashForCausalLM")
+# served without prefix caching or chunked prefill (hybrid_lm.serve.config explains why)
+WHOLE_PROMPT = ("LRTForCausalLM",)
 
 
 def register() -> None:
@@ -31,11 +30,11 @@ def register() -> None:
     from vllm import ModelRegistry
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
-    from .config import HybridHooks, ServeHooks
+    from .config import ServeHooks, WholePromptHooks
 
     for arch, target in ARCHITECTURES.items():  # registering again replaces the entry with itself
         ModelRegistry.register_model(arch, target)
-        MODELS_CONFIG_MAP[arch] = HybridHooks if arch in HYBRIDS else ServeHooks
+        MODELS_CONFIG_MAP[arch] = WholePromptHooks if arch in WHOLE_PROMPT else ServeHooks
 
 
 __all__ = ["ARCHITECTURES", "register", "update_weights"]

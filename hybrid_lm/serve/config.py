@@ -1,4 +1,19 @@
-"""vLLM config hooks for our architectures (run when vLLM builds its config)."""
+"""vLLM config hooks for our architectures (run when vLLM builds its config).
+
+Prefix caching: the Transformer uses vLLM's block caching as is. Samba and SambaY (incl.
+SambaY-DA and the released phi4flash format) declare `SupportsMambaPrefixCaching`, so when
+prefix caching is on (vLLM's default) vLLM's hybrid hook, which runs after ours, switches the
+Mamba state slots to its "align" mode: a request's running conv/SSM state lives in the slot of
+the block holding its last token, the scheduler ends prefill chunks on block boundaries, and the
+runner copies the state into the next block's slot when a request crosses one. So the slot of
+every full block holds the exact state after that block's last token, and a prefix-cache hit
+resumes from it (hybrid_lm.serve.layers.Mamba reads and writes these slots).
+
+LRT cannot be served from a cache or in chunks and stay what the model computes: its prefill is
+the interleaved schedule over the whole prompt, and a chunk (or a cached prefix) would be refined
+on its own. Its hook turns both off, so each prompt is one forward, exactly the transformers
+model's over the same tokens.
+"""
 from __future__ import annotations
 
 from vllm.logger import init_logger
@@ -20,17 +35,26 @@ class ServeHooks(VerifyAndUpdateConfig):
             parallel.worker_extension_cls = WORKER_EXTENSION
 
 
-class HybridHooks(ServeHooks):
-    """Samba, SambaY and LRT keep per-request state (Mamba conv/SSM states, LRT's latent) that a
-    prefix-cache hit would not restore: turn prefix caching off, loudly, rather than serve
-    outputs computed from a wrong state. (vLLM turns it on by default for hybrids.)"""
+class WholePromptHooks(ServeHooks):
+    """LRT: no prefix caching and no chunked prefill, with a warning naming the reason; the token
+    budget of a step is raised to max_model_len so that any prompt fits in one forward."""
 
     @classmethod
     def verify_and_update_config(cls, vllm_config) -> None:
         super().verify_and_update_config(vllm_config)
-        cache = vllm_config.cache_config
-        if cache.enable_prefix_caching:
-            logger.warning("hybrid-lm: %s keeps per-request recurrent state, which vLLM's prefix caching cannot "
-                           "restore; prefix caching is disabled for this model.",
-                           vllm_config.model_config.architecture)
-            cache.enable_prefix_caching = False
+        cache, scheduler = vllm_config.cache_config, vllm_config.scheduler_config
+        max_len = vllm_config.model_config.max_model_len
+        turned_off = [name for name, on in (("prefix caching", cache.enable_prefix_caching),
+                                            ("chunked prefill", scheduler.enable_chunked_prefill)) if on]
+        if turned_off:
+            logger.warning("hybrid-lm: %s refines each prompt with its interleaved schedule over the whole prompt, "
+                           "so a cached prefix or a prompt chunk would change its output; %s turned off for this "
+                           "model (every prompt is one forward).", vllm_config.model_config.architecture,
+                           " and ".join(turned_off))
+        cache.enable_prefix_caching = False
+        scheduler.enable_chunked_prefill = False
+        scheduler.long_prefill_token_threshold = 0
+        if scheduler.max_num_batched_tokens < max_len:
+            logger.warning("hybrid-lm: max_num_batched_tokens raised from %d to max_model_len %d so that a whole "
+                           "prompt fits in one step.", scheduler.max_num_batched_tokens, max_len)
+            scheduler.max_num_batched_tokens = max_len

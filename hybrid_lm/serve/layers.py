@@ -137,7 +137,9 @@ def mamba_state_shapes(config: HybridConfig) -> tuple[tuple[int, int], tuple[int
 class Mamba(hf.Mamba, StateSlots):
     """Our Mamba-1 mixer on vLLM's state slots: decode rows step their slots in place, prefill
     chunks run the varlen conv and scan from their slot (zeros for a new request) and write the
-    final states back."""
+    final states back. With prefix caching (align mode) a request's slot is that of the block
+    holding its last scheduled token, into which vLLM has copied the state it continues from (its
+    previous block's, or a cache hit's): the same reads and writes serve both modes."""
 
     def __init__(self, config: HybridConfig, layer_idx: int, *, prefix: str):
         hf.Mamba.__init__(self, config, layer_idx)

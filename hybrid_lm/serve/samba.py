@@ -4,6 +4,11 @@ paged KV cache with their sliding windows; SambaY's cross-attention layers own n
 read the full-attention layer's through KV sharing, and the memory Mamba hands its scan output
 to the GMUs. Layouts and layer loop are the transformers models' own (hybrid_lm.archs.samba).
 
+Prefix caching works as for any vLLM model: attention layers (sliding, full, and the shared K,V
+the cross layers read) through vLLM's block cache, Mamba states through its "align" mode
+(`SupportsMambaPrefixCaching`; hybrid_lm.serve.config says how), so a multi-turn session
+prefills only what is new since its last cached block.
+
 Not done here: the transformers model's last-token prefill (the cross-decoder runs on every
 prompt token in vLLM, so prefill costs the cross layers' attention over the prompt too).
 """
@@ -12,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from vllm.model_executor.layers.mamba.mamba_utils import MambaStateCopyFuncCalculator
-from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid
+from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid, SupportsMambaPrefixCaching
 
 from hybrid_lm.archs.config import SambaConfig, SambaYConfig
 from hybrid_lm.archs.samba import SambaYLayers, samba_mixers, sambay_mixers
@@ -20,8 +25,9 @@ from hybrid_lm.archs.samba import SambaYLayers, samba_mixers, sambay_mixers
 from .layers import CausalLM, LayerFactory, mamba_state_shapes
 
 
-class MambaHybrid(CausalLM, HasInnerState, IsHybrid):
-    """What vLLM asks of a model with Mamba state slots: their shapes, dtypes and copy functions."""
+class MambaHybrid(CausalLM, HasInnerState, IsHybrid, SupportsMambaPrefixCaching):
+    """What vLLM asks of a model with Mamba state slots: their shapes, dtypes and the functions
+    that copy a state from one block's slot to another's (align mode's prefix caching)."""
 
     @classmethod
     def get_mamba_state_shape_from_config(cls, vllm_config):

@@ -23,12 +23,13 @@ def tiny_checkpoint(path, arch: str, seed: int = 0, tokenizer=None, **overrides)
 
 
 def hf_greedy(model, prompts: list[list[int]], max_tokens: list[int]) -> list[list[int]]:
-    """model.generate greedy continuation of each prompt (no EOS stop)."""
+    """model.generate greedy continuation of each prompt (no EOS stop). The attention mask is
+    explicit: without one generate would mask every prompt token equal to pad_token_id."""
     outs = []
     for prompt, n in zip(prompts, max_tokens):
         ids = torch.tensor([prompt])
-        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
-                             pad_token_id=0)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, eos_token_id=None, pad_token_id=0)
         outs.append(out[0, len(prompt):].tolist())
     return outs
 
