@@ -7,7 +7,9 @@ Mamba state slots to its "align" mode: a request's running conv/SSM state lives 
 the block holding its last token, the scheduler ends prefill chunks on block boundaries, and the
 runner copies the state into the next block's slot when a request crosses one. So the slot of
 every full block holds the exact state after that block's last token, and a prefix-cache hit
-resumes from it (hybrid_lm.serve.layers.Mamba reads and writes these slots).
+resumes from it (hybrid_lm.serve.layers.Mamba reads and writes these slots). Our hook keeps the
+state of every full block, not only those at prompt ends (vLLM's default), so that a session's
+next turn also finds the blocks its last action filled.
 
 LRT cannot be served from a cache or in chunks and stay what the model computes: its prefill is
 the interleaved schedule over the whole prompt, and a chunk (or a cached prefix) would be refined
@@ -30,9 +32,16 @@ class ServeHooks(VerifyAndUpdateConfig):
 
     @classmethod
     def verify_and_update_config(cls, vllm_config) -> None:
-        parallel = vllm_config.parallel_config
+        parallel, cache = vllm_config.parallel_config, vllm_config.cache_config
         if not parallel.worker_extension_cls:
             parallel.worker_extension_cls = WORKER_EXTENSION
+        if cache.enable_prefix_caching and cache.prefix_cache_retention_interval == 0:
+            # vLLM's default keeps sliding-window and Mamba states only where a prompt ends, so the
+            # next turn of a session (previous prompt + its generated action + a new observation)
+            # would recompute the action and the prompt's last partial block; keep every full
+            # block's state instead (a kept block is still evicted like any cached block). An
+            # explicit positive interval is the user's choice and stays.
+            cache.prefix_cache_retention_interval = None
 
 
 class WholePromptHooks(ServeHooks):
