@@ -5,15 +5,18 @@ C sessions run K turns each. A turn appends an observation of O tokens (an acces
 here random tokens) to the session's history and generates an action of A tokens (greedy,
 ignore_eos), which joins the history too. The sessions advance together: turn k of every session
 is one batch of C requests submitted to the engine at once, so vLLM's continuous batching mixes
-their prefills and decodes. Each turn is a new request over the whole history: the Transformer
-reuses cached prefixes (vLLM's prefix caching, on by default), the hybrids re-prefill (their
-per-request states cannot be restored from a prefix cache), which this workload makes visible.
+their prefills and decodes. Each turn is a new request over the whole history, and vLLM's prefix
+caching (on by default) serves what an earlier turn computed: attention K,V from cached blocks,
+and for Samba and SambaY the Mamba states kept at block boundaries (hybrid_lm.serve.config).
+LRT re-prefills the whole history (its interleaved prefill is not chunk- or cache-invariant).
 
 Reported per arch: rollout tokens/s (observation + action tokens processed, over wall time),
 action tokens/s, per-turn latency percentiles (p50/p90/p99 over every session's turns: the
-engine's queue-to-last-token time of each request), and peak state memory: C sessions' serving
-state at their final length, in hybrid_lm.serve's cache layout (vllm_engine.state_bytes).
-Output: rollout-<device>.json / .jsonl and a PNG (latency per turn, tokens/s, state memory).
+engine's queue-to-last-token time of each request), per turn the wall time and the prompt tokens
+computed against those served from the prefix cache (vLLM's num_cached_tokens), and peak state
+memory: C sessions' serving state at their final length, in hybrid_lm.serve's cache layout
+(vllm_engine.state_bytes). Output: rollout-<device>.json / .jsonl and a PNG (time per turn,
+tokens/s, prompt tokens computed vs cached, state memory).
 """
 from __future__ import annotations
 
@@ -61,38 +64,47 @@ def run_sessions(llm, config, sessions: int, turns: int, obs: int, act: int, dty
     g = torch.Generator().manual_seed(vllm_engine.SEED)
     vllm_engine.generate(llm, [vllm_engine.random_tokens(obs, config.vocab_size, g)], 2)  # warm-up
     histories = [[] for _ in range(sessions)]
-    latencies, turn_seconds = [], []
+    latencies, per_turn = [], []
     start = time.perf_counter()
     for _ in range(turns):
         for h in histories:
             h.extend(vllm_engine.random_tokens(obs, config.vocab_size, g))
+        prompt_tokens = sum(len(h) for h in histories)
         seconds, outs = vllm_engine.generate(llm, histories, act)
+        cached = sum(out.num_cached_tokens or 0 for out in outs)
         for h, out in zip(histories, outs):
             h.extend(out.outputs[0].token_ids)
             latencies.append(request_latency(out, seconds))
-        turn_seconds.append(seconds)
+        per_turn.append(dict(seconds=seconds, prompt_tokens=prompt_tokens, cached_tokens=cached,
+                             computed_tokens=prompt_tokens - cached))
         bar.update(1)
     wall = time.perf_counter() - start
     dtype_bytes = torch.finfo(dtype).bits // 8
+    cached = sum(t["cached_tokens"] for t in per_turn)
+    prompt_tokens = sum(t["prompt_tokens"] for t in per_turn)
     return dict(
         sessions=sessions, turns=turns, obs_tokens=obs, action_tokens=act,
         status="ok", prefix_caching=vllm_engine.prefix_caching(llm), wall_s=wall,
         rollout_tokens_per_s=sessions * turns * (obs + act) / wall, action_tokens_per_s=sessions * turns * act / wall,
         latency_p50_s=float(np.percentile(latencies, 50)), latency_p90_s=float(np.percentile(latencies, 90)),
-        latency_p99_s=float(np.percentile(latencies, 99)), turn_s=turn_seconds,
+        latency_p99_s=float(np.percentile(latencies, 99)), turn_s=[t["seconds"] for t in per_turn],
+        per_turn=per_turn, prompt_tokens=prompt_tokens, cached_prompt_tokens=cached,
+        computed_prompt_tokens=prompt_tokens - cached,
         peak_state_bytes=sessions * vllm_engine.state_bytes(config, len(histories[0]), dtype_bytes))
 
 
 def print_table(rows: list) -> None:
     print(f"\n{'arch':<12} {'prefix$':>7} {'rollout tok/s':>13} {'action tok/s':>12} {'p50 s':>7} {'p90 s':>7} "
-          f"{'p99 s':>7} {'state MiB':>9}")
+          f"{'p99 s':>7} {'prompt computed/cached':>22} {'state MiB':>9}  seconds per turn")
     for r in rows:
         if r.get("status") != "ok":
             print(f"{r['arch']:<12} error: {r.get('error', '')[:100]}")
             continue
+        tokens = f"{r['computed_prompt_tokens']}/{r['cached_prompt_tokens']}"
         print(f"{r['arch']:<12} {str(r['prefix_caching']):>7} {r['rollout_tokens_per_s']:>13.1f} "
               f"{r['action_tokens_per_s']:>12.1f} {r['latency_p50_s']:>7.3f} {r['latency_p90_s']:>7.3f} "
-              f"{r['latency_p99_s']:>7.3f} {r['peak_state_bytes'] / 2**20:>9.2f}")
+              f"{r['latency_p99_s']:>7.3f} {tokens:>22} {r['peak_state_bytes'] / 2**20:>9.2f}  "
+              + " ".join(f"{t:.2f}" for t in r["turn_s"]))
 
 
 def plot(rows: list, title: str, path: Path) -> bool:
@@ -105,7 +117,7 @@ def plot(rows: list, title: str, path: Path) -> bool:
         return False
     if not ok:
         return False
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
     for r in ok:
         axes[0].plot(range(1, len(r["turn_s"]) + 1), r["turn_s"], marker="o", label=r["arch"])
     axes[0].set(xlabel="turn", ylabel="seconds per turn (all sessions)", title="turn time as histories grow")
@@ -113,8 +125,13 @@ def plot(rows: list, title: str, path: Path) -> bool:
     names = [r["arch"] for r in ok]
     axes[1].bar(names, [r["rollout_tokens_per_s"] for r in ok])
     axes[1].set(ylabel="tokens/s", title="rollout throughput (obs + action tokens)")
-    axes[2].bar(names, [r["peak_state_bytes"] / 2**20 for r in ok])
-    axes[2].set(ylabel="MiB", title="peak serving state (all sessions)")
+    computed = [r["computed_prompt_tokens"] for r in ok]
+    axes[2].bar(names, computed, label="computed")
+    axes[2].bar(names, [r["cached_prompt_tokens"] for r in ok], bottom=computed, label="from the prefix cache")
+    axes[2].set(ylabel="prompt tokens (all turns)", title="prompt tokens computed vs cached")
+    axes[2].legend()
+    axes[3].bar(names, [r["peak_state_bytes"] / 2**20 for r in ok])
+    axes[3].set(ylabel="MiB", title="peak serving state (all sessions)")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -3,8 +3,8 @@ served through our plugin, and `hybrid-lm bench decode --engine vllm`.
 
 Each architecture gets a seeded random model of the preset, saved (bf16 on a GPU, fp32 on a CPU)
 to a temporary folder and loaded by one `vllm.LLM` (prompts as token ids, no tokenizer). vLLM's
-defaults apply otherwise, so what is measured is what a user gets: prefix caching on for the
-Transformer, off for the hybrids (hybrid_lm.serve refuses it for per-request states).
+defaults apply otherwise, so what is measured is what a user gets: prefix caching on for every
+arch but LRT (hybrid_lm.serve.config says why).
 
 Decode rows: for each batch size and each checkpoint of the generation length, one
 `llm.generate` of `batch` random prompts of `prompt_len` tokens and `gen` output tokens each

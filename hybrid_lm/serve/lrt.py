@@ -5,8 +5,10 @@ A forward over vLLM's flat batch runs the interleaved schedule of hybrid_lm.arch
 - pass 0 runs every token: prefill tokens with m = 0, decode tokens with m = their latent (a
   decode token's only pass: decoding is the exact recurrence);
 - pass i = 1..S runs the prefill tokens at positions p = i-1 (mod S) with m = the latest final
-  state of token p-1 (for a chunk's first token: the latent carried from the previous chunk, or
-  0 for a new request).
+  state of token p-1 (0 for a prompt's first token).
+A prefill is always a whole prompt: the config hook (hybrid_lm.serve.config) turns prefix caching
+and chunked prefill off for LRT, since a chunk or a cached prefix refined on its own would give
+other outputs than the transformers model's forward over the whole prompt.
 Every pass calls vLLM's attention over all N tokens of the batch: each layer keeps the batch's
 latest K,V in a buffer, the pass overwrites its tokens' rows and writes the whole buffer to the
 cache again (same slots), and only its own tokens' outputs are kept. So a pass's queries see the
@@ -116,16 +118,15 @@ class LRTForCausalLM(hf_lrt.LRTLayers, CausalLM, HasInnerState, IsHybrid):
     def _subset_passes(self, h, step, positions, z, md, latent, nd, n) -> Tensor:
         """Passes 1..S over the prefill tokens; writes each prefill request's latent."""
         S = self.config.lrt_subsets
-        starts = nd + md.query_start_loc_p[:-1].long()  # each prefill chunk's first row
+        starts = nd + md.query_start_loc_p[:-1].long()  # each prompt's first row
         ends = nd + md.query_start_loc_p[1:].long() - 1
-        idx_p = md.state_indices_tensor_p
-        carried = latent[idx_p].to(z.dtype) * md.has_initial_states_p[:, None]  # 0 for a new request
+        first = z.new_zeros(len(starts), z.shape[1])  # a prompt's first token has m = 0
         prefill = torch.arange(nd, n, device=h.device)
         for r in range(S):
             rows = prefill[positions[nd:n] % S == r]
             if rows.numel() == 0:
                 continue
-            previous = z.roll(1, 0).index_copy(0, starts, carried)  # the latest state of token p-1
+            previous = z.roll(1, 0).index_copy(0, starts, first)  # the latest state of token p-1
             z = z.index_copy(0, rows, self._pass(h, step, positions, rows, previous[rows]))
-        latent[idx_p] = z[ends].float()
+        latent[md.state_indices_tensor_p] = z[ends].float()
         return z

@@ -14,12 +14,18 @@ def _args(module, argv):
 
 
 def test_rollout_quick(tmp_path, capsys):
-    assert rollout.run(_args(rollout, ["--quick", "--archs", "sambay", "--out", str(tmp_path)])) == 0
+    # observations longer than a block (128 tokens here), so the second turn has a cached prefix
+    argv = ["--quick", "--archs", "sambay", "--obs-tokens", "150", "--out", str(tmp_path)]
+    assert rollout.run(_args(rollout, argv)) == 0
     result = json.loads(next(tmp_path.glob("rollout-*.json")).read_text())
     (row,) = result["rows"]
-    assert row["status"] == "ok" and row["prefix_caching"] is False  # refused for hybrids
+    assert row["status"] == "ok" and row["prefix_caching"] is True
     assert row["rollout_tokens_per_s"] > 0 and 0 < row["latency_p50_s"] <= row["latency_p99_s"]
     assert len(row["turn_s"]) == result["meta"]["turns"] and row["peak_state_bytes"] > 0
+    first, second = row["per_turn"]
+    assert first["cached_tokens"] == 0 and second["cached_tokens"] > 0
+    assert row["computed_prompt_tokens"] + row["cached_prompt_tokens"] == row["prompt_tokens"]
+    assert second["prompt_tokens"] == 2 * (2 * 150 + 8)  # two sessions, two observations and one action each
     assert next(tmp_path.glob("rollout-*.png")).stat().st_size > 0
     assert "rollout tok/s" in capsys.readouterr().out
 

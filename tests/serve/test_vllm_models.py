@@ -29,11 +29,9 @@ def served(request, tmp_path_factory):
     arch = request.param
     path = tmp_path_factory.mktemp(arch)
     model = tiny_checkpoint(path, arch, **OVERRIDES.get(arch, {}))
-    # a small token budget splits long prompts into chunks and mixes prefill chunks with decodes;
-    # LRT's chunked prefill continues from the carried latent, which a whole-prompt forward does
-    # not (by design), so LRT keeps whole prompts
-    budget = 512 if arch == "lrt" else 32
-    llm = LLM(str(path), skip_tokenizer_init=True, max_num_batched_tokens=budget, **ENGINE_ARGS)
+    # a small token budget splits long prompts into chunks and mixes prefill chunks with decodes
+    # (LRT's config hook turns chunking off and raises the budget: its prompts stay whole)
+    llm = LLM(str(path), skip_tokenizer_init=True, max_num_batched_tokens=32, **ENGINE_ARGS)
     yield arch, path, model, llm
     del llm
     gc.collect()
