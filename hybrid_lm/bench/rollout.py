@@ -120,7 +120,8 @@ def plot(rows: list, title: str, path: Path) -> bool:
     fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
     for r in ok:
         axes[0].plot(range(1, len(r["turn_s"]) + 1), r["turn_s"], marker="o", label=r["arch"])
-    axes[0].set(xlabel="turn", ylabel="seconds per turn (all sessions)", title="turn time as histories grow")
+    axes[0].set(xlabel="turn", ylabel="seconds per turn (all sessions)", title="turn time as histories grow",
+                xticks=range(1, max(len(r["turn_s"]) for r in ok) + 1))
     axes[0].legend()
     names = [r["arch"] for r in ok]
     axes[1].bar(names, [r["rollout_tokens_per_s"] for r in ok])
