@@ -98,7 +98,7 @@ def assert_cached_histories(report, B: int) -> None:
 
 
 def test_prefix_caching_is_on_by_default(served):
-    arch, _, llm = served
+    _, _, llm = served
     config = llm.llm_engine.vllm_config.cache_config
     assert config.enable_prefix_caching and config.mamba_cache_mode == "align"
 
