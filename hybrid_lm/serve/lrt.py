@@ -120,13 +120,13 @@ class LRTForCausalLM(hf_lrt.LRTLayers, CausalLM, HasInnerState, IsHybrid):
         S = self.config.lrt_subsets
         starts = nd + md.query_start_loc_p[:-1].long()  # each prompt's first row
         ends = nd + md.query_start_loc_p[1:].long() - 1
-        first = z.new_zeros(len(starts), z.shape[1])  # a prompt's first token has m = 0
         prefill = torch.arange(nd, n, device=h.device)
         for r in range(S):
             rows = prefill[positions[nd:n] % S == r]
             if rows.numel() == 0:
                 continue
-            previous = z.roll(1, 0).index_copy(0, starts, first)  # the latest state of token p-1
+            # the latest state of token p-1; a prompt's first token has m = 0
+            previous = z.roll(1, 0).index_fill(0, starts, 0)
             z = z.index_copy(0, rows, self._pass(h, step, positions, rows, previous[rows]))
         latent[md.state_indices_tensor_p] = z[ends].float()
         return z
