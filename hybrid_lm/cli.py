@@ -1,4 +1,4 @@
-"""The `hybrid-lm` command line: pretrain, distill, convert, demo and bench."""
+"""The `hybrid-lm` command line: pretrain, distill, convert, demo, bench and agent."""
 from __future__ import annotations
 
 import argparse
@@ -23,17 +23,29 @@ BENCHMARKS = {
     "rollout": "a web-agent RL rollout (concurrent multi-turn sessions) through vLLM, per architecture",
 }
 
+# `hybrid-lm agent NAME`: the web-agent loop (hybrid_lm.agent)
+AGENT_COMMANDS = {
+    "demos": ("hybrid_lm.agent.demos", "scripted experts play MiniWoB++ tasks on training seeds: one JSONL line per "
+              "successful trajectory"),
+    "sft": ("hybrid_lm.agent.sft", "behaviour cloning of demonstrations (loss on action tokens only)"),
+    "eval": ("hybrid_lm.agent.evaluate", "success per task on held-out seeds, the policy served by vLLM"),
+}
+
+
+def add_commands(subparsers, commands: dict) -> None:
+    for name, (module_name, help_text) in commands.items():
+        module = importlib.import_module(module_name)
+        sub = subparsers.add_parser(name, help=help_text, description=module.__doc__,
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(sub)
+        sub.set_defaults(run=module.run)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hybrid-lm", description=hybrid_lm.__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"hybrid-lm {hybrid_lm.__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module_name, help_text) in COMMANDS.items():
-        module = importlib.import_module(module_name)
-        sub = commands.add_parser(name, help=help_text, description=module.__doc__,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-        module.add_arguments(sub)
-        sub.set_defaults(run=module.run)
+    add_commands(commands, COMMANDS)
     bench = commands.add_parser("bench", help="run a benchmark (prints a table, writes JSON and a PNG)")
     benches = bench.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
     for name, help_text in BENCHMARKS.items():
@@ -41,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub = benches.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(sub)
         sub.set_defaults(run=module.run)
+    agent = commands.add_parser("agent", help="the web-agent loop on MiniWoB++: demos, sft, eval")
+    add_commands(agent.add_subparsers(dest="agent", metavar="COMMAND", required=True), AGENT_COMMANDS)
     return parser
 
 

@@ -1,7 +1,7 @@
 """Episodes: playing a policy in a pool of browsers, and an episode as the token sequence a language
 model reads and writes.
 
-`play(jobs, policy, pool)` runs (task, seed) episodes in a pool of browsers, all in flight at once:
+`play(jobs, policy, envs)` runs (task, seed) episodes in a pool of browsers (`browsers(n)`), all in flight at once:
 each round asks the policy for one action per running episode (one batched call, so a language
 model's requests share one vLLM batch) and steps every browser. A policy is any function from the
 running episodes to their next action texts: a scripted expert, or `LMPolicy` over a vLLM engine.
@@ -20,8 +20,9 @@ behaviour cloning, and of RL later, is on the policy's tokens only.
 from __future__ import annotations
 
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 from .env import BrowserError, Page, WebEnv, render_page
 
@@ -60,12 +61,23 @@ class Episode:
 Policy = Callable[[list[Episode]], list[str]]
 
 
-def play(jobs: Sequence[tuple[str, int]], policy: Policy, pool: int = 4, max_steps: int = 8,
-         bar=None) -> list[Episode]:
-    """Play every (task, seed) job with `policy` in a pool of `pool` browsers; the episodes, in job
-    order. Jobs are taken in order, so jobs grouped by task keep each browser on one task for long.
-    A browser that fails loses its episode (recorded with the error) and is replaced."""
-    envs = [WebEnv(max_steps) for _ in range(min(pool, len(jobs)))]
+@contextmanager
+def browsers(n: int, max_steps: int = 8) -> Iterator[list[WebEnv]]:
+    """A pool of n browsers for `play`, closed on exit."""
+    envs = [WebEnv(max_steps) for _ in range(n)]
+    try:
+        yield envs
+    finally:
+        for env in envs:
+            env.close()
+
+
+def play(jobs: Sequence[tuple[str, int]], policy: Policy, envs: Sequence[WebEnv], bar=None) -> list[Episode]:
+    """Play every (task, seed) job with `policy` in the browsers `envs`, all in flight at once; the
+    episodes, in job order. Jobs are taken in order, so jobs grouped by task keep each browser on one
+    task for long. A browser that fails loses its episode (recorded with the error) and is replaced."""
+    if not envs:
+        raise ValueError("play: needs at least one browser")
     queue = deque(enumerate(jobs))
     running: dict[int, tuple[int, Episode]] = {}  # browser slot -> (job index, episode)
     results: list[Optional[Episode]] = [None] * len(jobs)
@@ -77,39 +89,35 @@ def play(jobs: Sequence[tuple[str, int]], policy: Policy, pool: int = 4, max_ste
         if bar is not None:
             bar.update(1)
 
-    try:
-        while queue or running:
-            for slot, env in enumerate(envs):
-                while slot not in running and queue:
-                    index, (task, seed) = queue.popleft()
-                    episode = Episode(task, seed)
-                    try:
-                        episode.steps.append(Step(env.reset(task, seed)))
-                        running[slot] = (index, episode)
-                    except BrowserError as e:
-                        episode.error = str(e)
-                        finish(slot, index, episode)
-            if not running:
-                break
-            slots = sorted(running)
-            actions = policy([running[s][1] for s in slots])
-            for slot, action in zip(slots, actions):
-                index, episode = running[slot]
-                episode.steps[-1].action = action
+    while queue or running:
+        for slot, env in enumerate(envs):
+            while slot not in running and queue:
+                index, (task, seed) = queue.popleft()
+                episode = Episode(task, seed)
                 try:
-                    result = envs[slot].step(action)
+                    episode.steps.append(Step(env.reset(task, seed)))
+                    running[slot] = (index, episode)
                 except BrowserError as e:
                     episode.error = str(e)
                     finish(slot, index, episode)
-                    continue
-                if result.done:
-                    episode.reward = result.reward
-                    finish(slot, index, episode)
-                else:
-                    episode.steps.append(Step(result.page, result.note))
-    finally:
-        for env in envs:
-            env.close()
+        if not running:
+            break
+        slots = sorted(running)
+        actions = policy([running[s][1] for s in slots])
+        for slot, action in zip(slots, actions):
+            index, episode = running[slot]
+            episode.steps[-1].action = action
+            try:
+                result = envs[slot].step(action)
+            except BrowserError as e:
+                episode.error = str(e)
+                finish(slot, index, episode)
+                continue
+            if result.done:
+                episode.reward = result.reward
+                finish(slot, index, episode)
+            else:
+                episode.steps.append(Step(result.page, result.note))
     return results
 
 

@@ -58,10 +58,12 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, acti
         initial_state = x.new_zeros(batch, dim, width - 1, dtype=acc)
     # [B, D, W-1+T]: the W-1 inputs before t=0, then the sequence
     xp = torch.cat([initial_state.to(acc), x.to(acc).transpose(1, 2)], dim=2)
-    if T == 0:  # an empty sequence in a packed batch: no outputs, the state passes through
-        y = xp.new_zeros(batch, dim, 0)
-    else:
-        y = F.conv1d(xp, weight.to(acc).unsqueeze(1), None if bias is None else bias.to(acc), groups=dim)
+    # W shifted multiply-adds rather than a depthwise F.conv1d: same sums, and a backward that is
+    # cheap on a CPU (conv1d's weight gradient for groups=D is many times slower there)
+    w = weight.to(acc)
+    y = xp.new_zeros(batch, dim, T) if bias is None else bias.to(acc)[:, None].expand(batch, dim, T)
+    for k in range(width):
+        y = y + w[:, k, None] * xp[:, :, k:k + T]
     if activation == "silu":
         y = F.silu(y)
     y = y.transpose(1, 2).to(x.dtype)
@@ -136,16 +138,18 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
 
     dA = chunks(dt)[..., None] * A.to(acc)                                     # [B, nc, L, Dm, N]
     dBu = chunks(dt * u.to(acc))[..., None] * chunks(B.to(acc))[:, :, :, None, :]
+    # Steps are taken with unbind, not indexing: the backward of one unbind is one stack, while
+    # every indexed step's backward would zero-fill a gradient of the whole [B, nc, L, Dm, N].
     local, h = [], torch.zeros_like(dA[:, :, 0])
-    for i in range(L):  # every chunk from a zero state at once
-        h = torch.exp(dA[:, :, i]) * h + dBu[:, :, i]
+    for dA_i, dBu_i in zip(dA.unbind(2), dBu.unbind(2)):  # every chunk from a zero state at once
+        h = torch.exp(dA_i) * h + dBu_i
         local.append(h)
     local = torch.stack(local, dim=2)                                          # [B, nc, L, Dm, N]
     decay = torch.exp(torch.cumsum(dA, dim=2))                                 # within-chunk decay
     starts, H = [], h0
-    for c in range(nc):  # carry the true state across chunks
+    for decay_c, local_c in zip(decay[:, :, -1].unbind(1), local[:, :, -1].unbind(1)):  # carry the true state across chunks
         starts.append(H)
-        H = decay[:, c, -1] * H + local[:, c, -1]
+        H = decay_c * H + local_c
     states = local + decay * torch.stack(starts, dim=1)[:, :, None]            # h_t for every t
     y = torch.einsum("bcldn,bcln->bcld", states, chunks(C.to(acc))).reshape(batch, nc * L, dim)[:, :T]
     if D is not None:
