@@ -214,8 +214,9 @@ class StepResult:
 
 
 class WebEnv:
-    """One headless Chromium playing MiniWoB tasks; `reset(task, seed)` starts an episode (switching
-    task when needed), `step(text)` takes a text action. Browser failures raise BrowserError."""
+    """One headless Chromium playing MiniWoB tasks; `reset(task, seed)` starts an episode (loading
+    the task first when needed: `load`), `step(text)` takes a text action. Browser failures raise
+    BrowserError."""
 
     def __init__(self, max_steps: int = MAX_STEPS, hang_s: float = 60.0):
         find_chromium()
@@ -226,7 +227,8 @@ class WebEnv:
         self.steps = 0
         self.broken = False  # the last call failed: the browser is killed, not closed, and replaced
 
-    def reset(self, task: str, seed: int) -> Page:
+    def load(self, task: str) -> None:
+        """Have a browser showing `task`'s page: started, switched or, after a failure, replaced."""
         # FlightWoB tasks are served over HTTP in a bigger window: those get a browser of their own
         flight = task.startswith("flight.") or (self.task or "").startswith("flight.")
         if self._env is None or self.broken or (task != self.task and flight):
@@ -235,6 +237,10 @@ class WebEnv:
         elif task != self.task:
             self._guarded(_switch_task, self._env, task)
         self.task = task
+
+    def reset(self, task: str, seed: int) -> Page:
+        """Start an episode of `task` on `seed`; MiniWoB's clock starts now."""
+        self.load(task)
         obs, _ = self._guarded(self._env.reset, seed=seed, options={"record_screenshots": False})
         self.page, self.steps = Page.from_observation(obs), 0
         return self.page

@@ -46,16 +46,18 @@ class Episode:
     reward: float = 0.0
     done: bool = False
     error: Optional[str] = None  # the browser failed: the episode is lost (reward 0)
+    info: dict = field(default_factory=dict)  # how it ended: steps, MiniWoB's raw reward and reason
+
 
     def to_dict(self) -> dict:
-        return {"task": self.task, "seed": self.seed, "reward": self.reward, "error": self.error,
+        return {"task": self.task, "seed": self.seed, "reward": self.reward, "error": self.error, "info": self.info,
                 "steps": [{"page": s.page.to_dict(), "note": s.note, "action": s.action} for s in self.steps]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Episode":
         steps = [Step(Page(s["page"]["utterance"], s["page"]["elements"]), s.get("note", ""), s["action"])
                  for s in d["steps"]]
-        return cls(d["task"], int(d["seed"]), steps, float(d["reward"]), True, d.get("error"))
+        return cls(d["task"], int(d["seed"]), steps, float(d["reward"]), True, d.get("error"), d.get("info", {}))
 
 
 Policy = Callable[[list[Episode]], list[str]]
@@ -90,18 +92,21 @@ def play(jobs: Sequence[tuple[str, int]], policy: Policy, envs: Sequence[WebEnv]
             bar.update(1)
 
     while queue or running:
-        for slot, env in enumerate(envs):
-            while slot not in running and queue:
-                index, (task, seed) = queue.popleft()
-                episode = Episode(task, seed)
+        # New episodes: every free browser loads its task first (a new browser takes 1-2 s) and only
+        # then are they reset, since MiniWoB's 10 s clock starts at the reset.
+        starting = {slot: queue.popleft() for slot in range(len(envs)) if slot not in running and queue}
+        for phase in ("load", "reset"):
+            for slot, (index, (task, seed)) in list(starting.items()):
                 try:
-                    episode.steps.append(Step(env.reset(task, seed)))
-                    running[slot] = (index, episode)
+                    if phase == "load":
+                        envs[slot].load(task)
+                    else:
+                        running[slot] = (index, Episode(task, seed, [Step(envs[slot].reset(task, seed))]))
                 except BrowserError as e:
-                    episode.error = str(e)
-                    finish(slot, index, episode)
+                    finish(slot, index, Episode(task, seed, error=str(e)))
+                    del starting[slot]
         if not running:
-            break
+            continue
         slots = sorted(running)
         actions = policy([running[s][1] for s in slots])
         for slot, action in zip(slots, actions):
@@ -114,7 +119,7 @@ def play(jobs: Sequence[tuple[str, int]], policy: Policy, envs: Sequence[WebEnv]
                 finish(slot, index, episode)
                 continue
             if result.done:
-                episode.reward = result.reward
+                episode.reward, episode.info = result.reward, result.info
                 finish(slot, index, episode)
             else:
                 episode.steps.append(Step(result.page, result.note))
@@ -156,6 +161,8 @@ class LMPolicy:
         self.params = SamplingParams(temperature=temperature, max_tokens=max_action_tokens, seed=seed,
                                      stop_token_ids=[tokenizer.eos_token_id])
         self.max_action_tokens = max_action_tokens
+        # the engine's first call is slow (warm-up): not inside an episode, where MiniWoB's clock runs
+        llm.generate([{"prompt_token_ids": [tokenizer.eos_token_id] * 8}], SamplingParams(max_tokens=2), use_tqdm=False)
 
     def __call__(self, episodes: list[Episode]) -> list[str]:
         prompts = [encode_episode(self.tokenizer, ep.steps, self.max_obs_tokens)[0] for ep in episodes]
