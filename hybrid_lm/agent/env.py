@@ -209,7 +209,6 @@ class StepResult:
     reward: float
     done: bool
     note: str = ""  # "invalid action: ..." when the action was not taken
-    error: Optional[str] = None  # the browser failed: the episode is over and lost
     info: dict = field(default_factory=dict)
 
 
@@ -285,10 +284,6 @@ class WebEnv:
             raise BrowserError(f"{self.task}: browser failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
         finally:
             timer.cancel()
-
-    def driver_pids(self) -> list[int]:
-        """Process ids of this browser: its chromedriver, then Chromium's processes."""
-        return _browser_pids(self._env)
 
     def kill(self) -> None:
         """Kill the browser outright (a hung one): calls in flight then fail."""
