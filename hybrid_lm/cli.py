@@ -29,6 +29,7 @@ AGENT_COMMANDS = {
               "successful trajectory"),
     "sft": ("hybrid_lm.agent.sft", "behaviour cloning of demonstrations (loss on action tokens only)"),
     "eval": ("hybrid_lm.agent.evaluate", "success per task on held-out seeds, the policy served by vLLM"),
+    "rl": ("hybrid_lm.agent.rl", "online multi-turn GRPO in the browsers through TRL, the policy served by vLLM"),
 }
 
 

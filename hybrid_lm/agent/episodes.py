@@ -36,6 +36,9 @@ class Step:
     note: str = ""  # e.g. the previous action's "invalid action: ..."
     action: Optional[str] = None
     action_ids: Optional[list[int]] = None  # the tokens a language model generated for it, if one did
+    # the sampler's logprob of each generated token (LMPolicy with logprobs=True); one fewer than
+    # action_ids when generation hit the token cap and the end-of-text token was appended, not sampled
+    action_logprobs: Optional[list[float]] = None
 
 
 @dataclass
@@ -126,16 +129,20 @@ def play(jobs: Sequence[tuple[str, int]], policy: Policy, envs: Sequence[WebEnv]
     return results
 
 
-def encode_episode(tokenizer, steps: Sequence[Step], max_obs_tokens: int = MAX_OBS_TOKENS) -> tuple[list[int], list[int]]:
+def encode_episode(tokenizer, steps: Sequence[Step], max_obs_tokens: int = MAX_OBS_TOKENS,
+                   history: Optional[int] = None) -> tuple[list[int], list[int]]:
     """(token ids, mask) of an episode's steps: each observation (mask 0) then its action, if taken
-    (mask 1): the tokens a model generated when it has them, else " " + text + end-of-text."""
+    (mask 1): the tokens a model generated when it has them, else " " + text + end-of-text.
+    history: keep only the last `history` observations in full; older pages shrink to a
+    placeholder, "(N more elements)" (their utterance, note and action stay)."""
     def count(text: str) -> int:
         return len(tokenizer.encode(text, add_special_tokens=False))
 
     ids: list[int] = []
     mask: list[int] = []
     for i, step in enumerate(steps):
-        obs = tokenizer.encode(render_page(step.page, count, max_obs_tokens, step.note, first=i == 0),
+        old = history is not None and i < len(steps) - history
+        obs = tokenizer.encode(render_page(step.page, count, 0 if old else max_obs_tokens, step.note, first=i == 0),
                                add_special_tokens=False)
         ids += obs
         mask += [0] * len(obs)
@@ -150,22 +157,24 @@ def encode_episode(tokenizer, steps: Sequence[Step], max_obs_tokens: int = MAX_O
 class LMPolicy:
     """A language model served by vLLM as a `play` policy: each running episode's tokens so far are
     one prompt (token ids; vLLM's prefix cache serves the history), and the generation up to the
-    end-of-text token is the action."""
+    end-of-text token is the action. seed None: every request samples independently (RL groups
+    of one task instance); logprobs=True keeps each generated token's logprob (Step.action_logprobs)."""
 
     def __init__(self, llm, tokenizer, max_obs_tokens: int = MAX_OBS_TOKENS,
-                 max_action_tokens: int = MAX_ACTION_TOKENS, temperature: float = 0.0, seed: int = 0):
+                 max_action_tokens: int = MAX_ACTION_TOKENS, temperature: float = 0.0, seed: Optional[int] = 0,
+                 logprobs: bool = False, history: Optional[int] = None):
         from vllm import SamplingParams
 
-        self.llm, self.tokenizer, self.max_obs_tokens = llm, tokenizer, max_obs_tokens
+        self.llm, self.tokenizer, self.max_obs_tokens, self.history = llm, tokenizer, max_obs_tokens, history
         self.max_len = llm.llm_engine.vllm_config.model_config.max_model_len
         self.params = SamplingParams(temperature=temperature, max_tokens=max_action_tokens, seed=seed,
-                                     stop_token_ids=[tokenizer.eos_token_id])
+                                     stop_token_ids=[tokenizer.eos_token_id], logprobs=0 if logprobs else None)
         self.max_action_tokens = max_action_tokens
         # the engine's first call is slow (warm-up): not inside an episode, where MiniWoB's clock runs
         llm.generate([{"prompt_token_ids": [tokenizer.eos_token_id] * 8}], SamplingParams(max_tokens=2), use_tqdm=False)
 
     def __call__(self, episodes: list[Episode]) -> list[str]:
-        prompts = [encode_episode(self.tokenizer, ep.steps, self.max_obs_tokens)[0] for ep in episodes]
+        prompts = [encode_episode(self.tokenizer, ep.steps, self.max_obs_tokens, self.history)[0] for ep in episodes]
         too_long = [len(p) for p in prompts if len(p) + self.max_action_tokens > self.max_len]
         if too_long:
             raise ValueError(f"an episode's prompt of {max(too_long)} tokens plus {self.max_action_tokens} action tokens "
@@ -175,6 +184,8 @@ class LMPolicy:
         eos = self.tokenizer.eos_token_id
         for ep, out in zip(episodes, outs):
             ids = list(out.outputs[0].token_ids)
+            if out.outputs[0].logprobs is not None:
+                ep.steps[-1].action_logprobs = [lp[t].logprob for t, lp in zip(ids, out.outputs[0].logprobs)]
             if not ids or ids[-1] != eos:  # cut at max_action_tokens: end it as training data would
                 ids.append(eos)
             ep.steps[-1].action_ids = ids

@@ -1,14 +1,15 @@
-"""Model families on hybrid_lm.kernels, registered with transformers' Auto classes on import."""
+"""Model families on hybrid_lm.kernels, registered with transformers' Auto classes on import:
+each has a base model (`...Model`, AutoModel) and a causal LM (`...ForCausalLM`, AutoModelForCausalLM)."""
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .cache import HybridCache
 from .config import ARCHS, PRESETS, HybridConfig, config
-from .lrt import LRTForCausalLM
-from .model import HybridPreTrainedModel
-from .phi4flash import Phi4FlashForCausalLM
-from .samba import SambaForCausalLM, SambaYForCausalLM
-from .transformer import TransformerForCausalLM
+from .lrt import LRTForCausalLM, LRTModel
+from .model import HybridForCausalLM, HybridModel, HybridPreTrainedModel
+from .phi4flash import Phi4FlashForCausalLM, Phi4FlashModel
+from .samba import SambaForCausalLM, SambaModel, SambaYForCausalLM, SambaYModel
+from .transformer import TransformerForCausalLM, TransformerModel
 
 MODEL_CLASSES: dict[type, type] = {
     cls.config_class: cls for cls in (TransformerForCausalLM, SambaForCausalLM, SambaYForCausalLM, LRTForCausalLM,
@@ -17,10 +18,11 @@ MODEL_CLASSES: dict[type, type] = {
 
 for _config_cls, _model_cls in MODEL_CLASSES.items():
     AutoConfig.register(_config_cls.model_type, _config_cls, exist_ok=True)
+    AutoModel.register(_config_cls, _model_cls.model_class, exist_ok=True)
     AutoModelForCausalLM.register(_config_cls, _model_cls, exist_ok=True)
 
 
-def build(config: HybridConfig) -> HybridPreTrainedModel:
+def build(config: HybridConfig) -> HybridForCausalLM:
     """The causal LM for `config` (from hybrid_lm.config), freshly initialised."""
     cls = MODEL_CLASSES.get(type(config))
     if cls is None:
@@ -40,4 +42,6 @@ def expected_shapes(config: HybridConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-__all__ = ["ARCHS", "PRESETS", "HybridCache", "HybridConfig", "HybridPreTrainedModel", "build", "config", "expected_shapes"]
+__all__ = ["ARCHS", "PRESETS", "HybridCache", "HybridConfig", "HybridForCausalLM", "HybridModel", "HybridPreTrainedModel",
+           "LRTModel", "Phi4FlashModel", "SambaModel", "SambaYModel", "TransformerModel", "build", "config",
+           "expected_shapes"]

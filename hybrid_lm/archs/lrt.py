@@ -26,16 +26,15 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin
 from transformers import initialization as init
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from hybrid_lm import kernels as K
 
 from .cache import HybridCache
 from .config import LRTConfig
 from .layers import Attention, Step, attend
-from .model import HybridPreTrainedModel
+from .model import HybridForCausalLM, HybridModel
 
 Tensor = torch.Tensor
 
@@ -131,22 +130,29 @@ class Schedule:
         tokens = torch.where(member.gather(1, order), order, self.T)
         return self._pass(tokens, positions.gather(1, order))
 
-    def write(self, layer: int, tokens: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store a pass's fresh K,V of `layer` at its tokens; return the whole buffer."""
-        if self.k[layer] is None:  # pass 0 lays out the buffer: cached prefix, new tokens, trash
+    def buffer(self, layer: int) -> Optional[tuple[Tensor, Tensor]]:
+        """`layer`'s K,V buffer as the passes so far left it (None before pass 0)."""
+        return None if self.k[layer] is None else (self.k[layer], self.v[layer])
+
+    def store(self, layer: int, kv: tuple[Tensor, Tensor]) -> None:
+        self.k[layer], self.v[layer] = kv
+
+    def merge(self, tokens: Tensor, k: Tensor, v: Tensor, kv: Optional[tuple[Tensor, Tensor]],
+              cached: Optional[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+        """The buffer `kv` with a pass's fresh K,V at its tokens, out of place: a layer that gradient
+        checkpointing recomputes must see the buffer it saw the first time, so layers never write
+        the schedule (run_layers stores what they return). kv None (pass 0) lays the buffer out:
+        the cached prefix (`cached`, the layer's cache K,V), the new tokens, the trash slot."""
+        if kv is None:
             ks, vs = [k], [v]
             if self.prefix:
-                kv = self.step.cache.layers[layer]
-                ks.insert(0, kv.k)
-                vs.insert(0, kv.v)
+                ks.insert(0, cached[0])
+                vs.insert(0, cached[1])
             if self.padded:
                 ks.append(k.new_zeros(k.shape[0], 1, *k.shape[2:]))
                 vs.append(v.new_zeros(v.shape[0], 1, *v.shape[2:]))
-            self.k[layer], self.v[layer] = torch.cat(ks, dim=1), torch.cat(vs, dim=1)
-        else:
-            self.k[layer] = _put(self.k[layer], self.prefix + tokens, k)
-            self.v[layer] = _put(self.v[layer], self.prefix + tokens, v)
-        return self.k[layer], self.v[layer]
+            return torch.cat(ks, dim=1), torch.cat(vs, dim=1)
+        return _put(kv[0], self.prefix + tokens, k), _put(kv[1], self.prefix + tokens, v)
 
     def commit(self) -> None:
         """Append the new tokens' final K,V to the cache."""
@@ -175,21 +181,34 @@ class LRTAttention(Attention):
         k, v = kv.unbind(2)
         return self._pos(k, positions), v
 
-    def forward(self, x: Tensor, step: Step, feedback: Optional[Tensor] = None,
-                pass_: Optional[Pass] = None) -> Tensor:
+    def forward(self, x: Tensor, step: Step, feedback: Optional[Tensor] = None, pass_: Optional[Pass] = None,
+                kv: Optional[tuple[Tensor, Tensor]] = None):
+        """Decoding (pass_ None): the new token against the cache. A pass of the schedule: its
+        queries over the buffer `kv` (Schedule.buffer) refreshed with its K,V; returns
+        (output, the new buffer)."""
         positions = step.positions if pass_ is None else pass_.positions
         k, v = self._kv(x, positions, feedback)
         q = self._q(x, positions)
-        if pass_ is None:  # decoding: the new token against the cache
+        if pass_ is None:
             k, v, k_slots = step.cache.layers[self.layer_idx].update(k, v, step.slots, self.window)
-            o = self.core(q, k, v, step.slots, k_slots, step.valid, self.window)
+            return self.out_proj(self.core(q, k, v, step.slots, k_slots, step.valid, self.window))
+        cached = None
+        if kv is None and pass_.schedule.prefix:
+            layer_cache = step.cache.layers[self.layer_idx]
+            cached = (layer_cache.k, layer_cache.v)
+        k, v = pass_.schedule.merge(pass_.tokens, k, v, kv, cached)
+        if pass_.mask is None:
+            o = K.interleaved_attention(q, k, v, pass_.q_pos, self.window).flatten(2)
         else:
-            k, v = pass_.schedule.write(self.layer_idx, pass_.tokens, k, v)
-            if pass_.mask is None:
-                o = K.interleaved_attention(q, k, v, pass_.q_pos, self.window).flatten(2)
-            else:
-                o = attend(q, k, v, pass_.mask).flatten(2)
-        return self.out_proj(o)
+            o = attend(q, k, v, pass_.mask).flatten(2)
+        return self.out_proj(o), (k, v)
+
+
+@dataclass
+class LRTModelOutput(BaseModelOutputWithPast):
+    """BaseModelOutputWithPast plus, with `return_passes=True`, every pass's final normed states
+    in schedule order: passes[i] = (tokens [B, n], states [B, n, d]), as in LRTOutput."""
+    passes: Optional[list[tuple[Tensor, Tensor]]] = None
 
 
 @dataclass
@@ -209,29 +228,39 @@ def feedback_projections(config: LRTConfig) -> nn.ModuleList:
 
 
 class LRTLayers:
-    """LRT's layer loop and final norm, shared with the vLLM model."""
+    """LRT's layer loop and final norm, shared with the vLLM model (both reach the layers through
+    `base_model`)."""
 
     def run_layers(self, h: Tensor, step: Step, memory: Optional[Tensor] = None,
                    pass_: Optional[Pass] = None) -> Tensor:
         """Every layer over the tokens h [B, n, d] with memory [B, n, d] (None: m = 0), as one pass
         of the schedule, or (pass_ None) as a decode step against the cache."""
+        base = self.base_model
         shared = self.config.lrt_feedback == "shared"
         feedback = None
         if memory is not None and shared:  # one projection serves every layer
-            feedback = self.model.feedback[0](memory)
-        for i, layer in enumerate(self.model.layers):
+            feedback = base.feedback[0](memory)
+        for i, layer in enumerate(base.layers):
             if memory is not None:
                 h = h + layer.attn.gamma * memory
                 if not shared:
-                    feedback = self.model.feedback[i](memory)
-            h = layer(h, step, feedback=feedback, pass_=pass_)
+                    feedback = base.feedback[i](memory)
+            if pass_ is None:
+                h = layer(h, step, feedback=feedback)
+            else:
+                h, kv = layer(h, step, feedback=feedback, pass_=pass_, kv=pass_.schedule.buffer(i))
+                pass_.schedule.store(i, kv)
         return h
 
     def final_state(self, h: Tensor) -> Tensor:
-        return self.model.final_layernorm(h.to(self.model.final_layernorm.weight.dtype))
+        norm = self.base_model.final_layernorm
+        return norm(h.to(norm.weight.dtype))
 
 
-class LRTForCausalLM(LRTLayers, HybridPreTrainedModel, GenerationMixin):
+class LRTModel(LRTLayers, HybridModel):
+    """LRT's base model: the final normed states of the interleaved schedule (each token's from
+    the pass that refined it last), or of the exact recurrence."""
+
     config_class = LRTConfig
 
     def build_mixers(self, config: LRTConfig) -> list[nn.Module]:
@@ -255,7 +284,7 @@ class LRTForCausalLM(LRTLayers, HybridPreTrainedModel, GenerationMixin):
         decoding one token, whose memory is the latent alone."""
         B, d, cache = step.positions.shape[0], self.config.hidden_size, step.cache
         if cache is None or cache.latent is None:
-            first = self.lm_head.weight.new_zeros(B, 1, d)
+            first = self.final_layernorm.weight.new_zeros(B, 1, d)
         else:
             first = cache.latent[:, None]
         m = first if latest is None else torch.cat([first.to(latest.dtype), latest[:, :-1]], dim=1)
@@ -292,27 +321,12 @@ class LRTForCausalLM(LRTLayers, HybridPreTrainedModel, GenerationMixin):
             schedule.commit()
         return z[:, :T], passes
 
-    def _loss(self, passes: list[tuple[Tensor, Tensor]], labels: Tensor) -> Tensor:
-        """Mean over the passes of each pass's next-token loss over the tokens it ran."""
-        targets = F.pad(labels[:, 1:], (0, 2), value=-100)  # the last token and the trash column predict nothing
-        losses, counted = [], []
-        for tokens, logits in passes:
-            t = _take(targets, tokens)
-            n = (t != -100).sum()
-            ce = F.cross_entropy(logits.flatten(0, 1).float(), t.flatten(), ignore_index=-100, reduction="sum")
-            losses.append(ce / n.clamp(min=1))
-            counted.append(n > 0)
-        counted = torch.stack(counted)  # a pass with no target (a short input) does not count
-        return (torch.stack(losses) * counted).sum() / counted.sum()
-
-    def _states(self, input_ids: Tensor, attention_mask: Optional[Tensor], cache: Optional[HybridCache]
+    def _states(self, h: Tensor, attention_mask: Optional[Tensor], cache: Optional[HybridCache]
                 ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
-        """Final normed states of the new tokens, and each pass's (tokens, final states)."""
-        B, T = input_ids.shape
-        step = self.make_step(input_ids, attention_mask, cache)
-        h = self.model.embed_tokens(input_ids)
-        if self.config.residual_in_fp32:
-            h = h.float()
+        """Final normed states of the new tokens (embedded: h [B, T, d]), and each pass's (tokens,
+        final states)."""
+        B, T = h.shape[:2]
+        step = self.make_step(h, attention_mask, cache)
         if cache is not None and T == 1:  # decoding: m = the latent, exact token by token
             z = self.final_state(self.run_layers(h, step, self._memory(step)))
             passes = [(step.positions.new_zeros(B, 1), z)]
@@ -326,45 +340,77 @@ class LRTForCausalLM(LRTLayers, HybridPreTrainedModel, GenerationMixin):
             cache.seen += T
         return z, passes
 
-    def _recurrence(self, input_ids: Tensor, attention_mask: Optional[Tensor], cache: HybridCache) -> Tensor:
-        """Final normed states of the exact recurrence: the input fed one token at a time."""
-        seen, T = cache.seen, input_ids.shape[1]
+    def _recurrence(self, h: Tensor, attention_mask: Optional[Tensor], cache: HybridCache) -> Tensor:
+        """Final normed states of the exact recurrence: the input (embedded: h [B, T, d]) fed one
+        token at a time."""
+        seen, T = cache.seen, h.shape[1]
         whole = attention_mask is not None and attention_mask.shape[1] == seen + T  # else the new tokens' mask
         z = []
         for t in range(T):
             mask = None if attention_mask is None else \
                 attention_mask[:, :seen + t + 1] if whole else attention_mask[:, t:t + 1]
-            z.append(self._states(input_ids[:, t:t + 1], mask, cache)[0])
+            z.append(self._states(h[:, t:t + 1], mask, cache)[0])
         return torch.cat(z, dim=1)
 
-    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, labels: Optional[Tensor] = None,
+    def forward(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
                 past_key_values: Optional[HybridCache] = None, use_cache: Optional[bool] = None,
-                logits_to_keep: int = 0, exact_recurrence: bool = False, return_passes: bool = False,
-                **kwargs) -> LRTOutput:
-        """As HybridPreTrainedModel.forward, with the interleaved schedule (decoding with a cache:
-        the exact recurrence); with labels the loss is the mean of the passes' losses.
+                cu_seqlens: Optional[Tensor] = None, inputs_embeds: Optional[Tensor] = None,
+                exact_recurrence: bool = False, return_passes: bool = False, **kwargs) -> LRTModelOutput:
+        """As HybridModel.forward, with the interleaved schedule (decoding with a cache: the exact
+        recurrence). exact_recurrence=True runs the exact recurrence one token at a time over the
+        whole input (continuing `past_key_values` if given); return_passes=True adds every pass's
+        final states (LRTModelOutput.passes)."""
+        if cu_seqlens is not None:
+            raise ValueError("cu_seqlens: LRT's interleaved schedule does not take packed documents yet: "
+                             "pass one document per row (attention_mask for padding)")
+        h = self.embed(input_ids, inputs_embeds)
+        B, T = h.shape[:2]
+        cache = self.cache_for(B, past_key_values, use_cache or exact_recurrence)
+        if exact_recurrence:
+            if cache is None:
+                raise ValueError("exact_recurrence: runs token by token through a cache, which training with "
+                                 "gradient checkpointing cannot keep; call model.eval()")
+            z = self._recurrence(h, attention_mask, cache)
+            passes = [(torch.arange(T, device=z.device).expand(B, -1), z)]
+        else:
+            z, passes = self._states(h, attention_mask, cache)
+        return LRTModelOutput(last_hidden_state=z, passes=passes if return_passes else None,
+                              past_key_values=cache if past_key_values is not None or use_cache else None)
+
+
+class LRTForCausalLM(HybridForCausalLM):
+    config_class = LRTConfig
+    model_class = LRTModel
+
+    def _loss(self, passes: list[tuple[Tensor, Tensor]], labels: Tensor) -> Tensor:
+        """Mean over the passes of each pass's next-token loss over the tokens it ran."""
+        targets = F.pad(labels[:, 1:], (0, 2), value=-100)  # the last token and the trash column predict nothing
+        losses, counted = [], []
+        for tokens, logits in passes:
+            t = _take(targets, tokens)
+            n = (t != -100).sum()
+            ce = F.cross_entropy(logits.flatten(0, 1).float(), t.flatten(), ignore_index=-100, reduction="sum")
+            losses.append(ce / n.clamp(min=1))
+            counted.append(n > 0)
+        counted = torch.stack(counted)  # a pass with no target (a short input) does not count
+        return (torch.stack(losses) * counted).sum() / counted.sum()
+
+    def forward(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
+                labels: Optional[Tensor] = None, past_key_values: Optional[HybridCache] = None,
+                use_cache: Optional[bool] = None, logits_to_keep: int = 0, exact_recurrence: bool = False,
+                return_passes: bool = False, cu_seqlens: Optional[Tensor] = None,
+                inputs_embeds: Optional[Tensor] = None, **kwargs) -> LRTOutput:
+        """As HybridForCausalLM.forward, with the interleaved schedule (decoding with a cache: the
+        exact recurrence); with labels the loss is the mean of the passes' losses.
 
         exact_recurrence=True runs the exact recurrence one token at a time over the whole input
         (continuing `past_key_values` if given); return_passes=True adds every pass's logits
         (LRTOutput.passes)."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids: expected shape [B, T], got {list(input_ids.shape)}")
-        if kwargs.get("cu_seqlens") is not None:
-            raise ValueError("cu_seqlens: LRT's interleaved schedule does not take packed documents yet: "
-                             "pass one document per row (attention_mask for padding)")
-        B, T = input_ids.shape
-        cache = past_key_values
-        if cache is None and (use_cache or exact_recurrence):
-            cache = self.new_cache(B)
-        if exact_recurrence:
-            z = self._recurrence(input_ids, attention_mask, cache)
-            z_passes = [(torch.arange(T, device=z.device).expand(B, -1), z)]
-        else:
-            z, z_passes = self._states(input_ids, attention_mask, cache)
+        want_passes = labels is not None or return_passes
+        out = self.model(input_ids, attention_mask, past_key_values, use_cache, cu_seqlens, inputs_embeds,
+                         exact_recurrence=exact_recurrence, return_passes=want_passes)
+        z = out.last_hidden_state
         logits = self.lm_head(z[:, -logits_to_keep:] if logits_to_keep else z)
-        passes = None
-        if labels is not None or return_passes:
-            passes = [(tokens, self.lm_head(zi)) for tokens, zi in z_passes]
+        passes = None if not want_passes else [(tokens, self.lm_head(zi)) for tokens, zi in out.passes]
         return LRTOutput(loss=None if labels is None else self._loss(passes, labels), logits=logits,
-                         past_key_values=cache if past_key_values is not None or use_cache else None,
-                         passes=passes if return_passes else None)
+                         past_key_values=out.past_key_values, passes=passes if return_passes else None)

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .cache import HybridCache
 from .config import HybridConfig
@@ -34,8 +35,9 @@ def next_token_loss(logits: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
 
-class DecoderLayer(nn.Module):
-    """Pre-norm mixer + residual, then pre-norm SwiGLU MLP + residual."""
+class DecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm mixer + residual, then pre-norm SwiGLU MLP + residual; the unit that gradient
+    checkpointing recomputes."""
 
     def __init__(self, config: HybridConfig, mixer: nn.Module):
         super().__init__()
@@ -58,34 +60,28 @@ class DecoderLayer(nn.Module):
         return h if extra is None else (h, extra)
 
 
-def backbone(config: HybridConfig, mixers: list[nn.Module], **extra: nn.Module) -> tuple[nn.Module, nn.Linear]:
-    """`model` (embed_tokens, one DecoderLayer per mixer, final_layernorm, any `extra` modules)
-    and `lm_head`: the module tree, and so the tensor names, of every checkpoint (shared with
-    hybrid_lm.serve)."""
-    model = nn.Module()
-    model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-    model.layers = nn.ModuleList(DecoderLayer(config, m) for m in mixers)
-    model.final_layernorm = norm(config, config.hidden_size)
-    for name, module in extra.items():
-        model.add_module(name, module)
-    return model, nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+def add_backbone(module: nn.Module, config: HybridConfig, mixers: list[nn.Module], **extra: nn.Module) -> None:
+    """Give `module` embed_tokens, one DecoderLayer per mixer, final_layernorm and any `extra`
+    modules: the module tree, and so the tensor names under `model.`, of every checkpoint (the
+    base model here, the vLLM model in hybrid_lm.serve)."""
+    module.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+    module.layers = nn.ModuleList(DecoderLayer(config, m) for m in mixers)
+    module.final_layernorm = norm(config, config.hidden_size)
+    for name, child in extra.items():
+        module.add_module(name, child)
 
 
-class HybridPreTrainedModel(PreTrainedModel, GenerationMixin):
-    """Causal LM: `model` (embed_tokens, layers, final_layernorm) and `lm_head`."""
+class HybridPreTrainedModel(PreTrainedModel):
+    """What the base models and the causal LMs share: config, strict loading, gradient
+    checkpointing (one DecoderLayer at a time) and weight initialisation."""
 
     config_class = HybridConfig
     base_model_prefix = "model"
     _no_split_modules = ["DecoderLayer"]
     _supports_sdpa = True
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}  # tied only if the config says so
+    supports_gradient_checkpointing = True
     # loaded in bf16/fp16, these stay fp32 as stored (Mamba's decay rates, differential attention's lambdas)
     _keep_in_fp32_modules_strict = ["A_log", "lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"]
-
-    def __init__(self, config: HybridConfig):
-        super().__init__(config)
-        self.model, self.lm_head = backbone(config, self.build_mixers(config), **self.extra_modules(config))
-        self.post_init()
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -104,157 +100,18 @@ class HybridPreTrainedModel(PreTrainedModel, GenerationMixin):
                              f"model:\n  " + "\n  ".join(problems))
         return (model, info) if want_info else model
 
-    # -- what a family provides: build_mixers(config) -> one mixer per layer; and may override these
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None,
+                                      **options) -> None:
+        """transformers' gradient checkpointing (its options, e.g. every_n_layers, pass through):
+        each DecoderLayer's activations are recomputed in backward. Non-reentrant only: layers read
+        tensors held by the Step (SambaY's memory and shared K,V), which reentrant checkpointing
+        would cut from the graph."""
+        kwargs = dict(gradient_checkpointing_kwargs or {})
+        if kwargs.setdefault("use_reentrant", False):
+            raise ValueError("gradient_checkpointing_kwargs: expected use_reentrant=False (layers read tensors "
+                             "through the Step object, which reentrant checkpointing does not differentiate)")
+        super().gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs, **options)
 
-    def extra_modules(self, config: HybridConfig) -> dict[str, nn.Module]:
-        """Modules besides the layers that live under `model` (LRT's feedback projections)."""
-        return {}
-
-    def cache_kinds(self) -> list[Optional[str]]:
-        """Per layer: "kv" (attention with its own K,V), "mamba", or None (keeps nothing)."""
-        kinds = []
-        for layer in self.model.layers:
-            mixer = layer.attn
-            kinds.append("mamba" if isinstance(mixer, Mamba) else
-                         "kv" if isinstance(mixer, Attention) and not mixer.cross else None)
-        return kinds
-
-    def run_layers(self, h: Tensor, step: Step) -> Tensor:
-        for layer in self.model.layers:
-            h = layer(h, step)
-        return h
-
-    # -- shared ----------------------------------------------------------------------------------
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.model.embed_tokens
-
-    def get_output_embeddings(self) -> nn.Module:
-        return self.lm_head
-
-    def new_cache(self, batch: int, max_len: Optional[int] = None) -> HybridCache:
-        """An empty cache; with max_len a static one (fixed buffers, CUDA-graph capturable decode)."""
-        c = self.config
-        windows = [getattr(layer.attn, "window", None) for layer in self.model.layers]
-        return HybridCache(self.cache_kinds(), batch, c.mamba_d_inner, c.mamba_d_conv, c.mamba_d_state,
-                           self.model.embed_tokens.weight.device, max_len, windows)
-
-    def make_step(self, input_ids: Tensor, attention_mask: Optional[Tensor], cache: Optional[HybridCache],
-                  cu_seqlens: Optional[Tensor] = None) -> Step:
-        """Slots, validity and position ids of the new tokens; records validity in the cache."""
-        B, T = input_ids.shape
-        if cu_seqlens is not None:
-            return self._packed_step(input_ids, attention_mask, cache, cu_seqlens)
-        seen = 0 if cache is None else cache.seen
-        dev = input_ids.device
-        bad_mask = ValueError(f"attention_mask: expected shape [B={B}, {seen + T}] (cached + new tokens) "
-                              f"or [B={B}, T={T}], got {None if attention_mask is None else list(attention_mask.shape)}")
-        if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape[0] != B):
-            raise bad_mask
-        if cache is not None and cache.max_len is not None:
-            return self._static_step(T, attention_mask, cache)
-        slots = torch.arange(seen, seen + T, device=dev)
-        prev = None if cache is None else cache.valid
-        if attention_mask is not None:
-            valid = attention_mask.to(device=dev, dtype=torch.bool)
-            if valid.shape[1] == T and seen:  # a mask for the new tokens only
-                before = prev if prev is not None else torch.ones(B, seen, dtype=torch.bool, device=dev)
-                valid = torch.cat([before, valid], dim=1)
-            if valid.shape != (B, seen + T):
-                raise bad_mask
-        else:
-            valid = None if prev is None else torch.cat([prev, torch.ones(B, T, dtype=torch.bool, device=dev)], 1)
-        if valid is None:
-            positions = slots[None].expand(B, T)
-        else:
-            positions = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, seen:]
-        if cache is not None:
-            cache.valid = valid
-        return Step(slots=slots, valid=valid, positions=positions, cache=cache)
-
-    @staticmethod
-    def _packed_step(input_ids: Tensor, attention_mask: Optional[Tensor], cache: Optional[HybridCache],
-                     cu_seqlens: Tensor) -> Step:
-        """make_step for a packed batch of documents (training): position ids restart at each."""
-        B, T = input_ids.shape
-        if cache is not None or attention_mask is not None or B != 1:
-            raise ValueError(f"cu_seqlens: a packed batch has batch size 1, no attention_mask and no cache; "
-                             f"got input_ids {list(input_ids.shape)}, attention_mask "
-                             f"{None if attention_mask is None else list(attention_mask.shape)}, "
-                             f"cache {'given' if cache is not None else None}")
-        if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32 or cu_seqlens.numel() < 2:
-            raise ValueError(f"cu_seqlens: expected int32 [N+1] document offsets into T={T}, "
-                             f"got {cu_seqlens.dtype} {list(cu_seqlens.shape)}")
-        slots = torch.arange(T, device=input_ids.device)
-        cu = cu_seqlens.to(input_ids.device)
-        docs = torch.searchsorted(cu, slots.to(cu.dtype), right=True) - 1  # [T] document of each token
-        positions = slots - cu[docs.clamp(min=0)].long()
-        return Step(slots=slots, valid=None, positions=positions[None], cu_seqlens=cu, docs=docs[None])
-
-    @staticmethod
-    def _static_step(T: int, attention_mask: Optional[Tensor], cache: HybridCache) -> Step:
-        """make_step for a static cache: every value comes from device tensors updated in place, so a
-        captured decode step replays correctly (no Python int turns into a tensor here)."""
-        if cache.seen + T > cache.max_len:
-            raise ValueError(f"input_ids: {T} new tokens overflow the static cache "
-                             f"(max_len={cache.max_len}, {cache.seen} cached)")
-        dev = cache.valid.device
-        slots = cache.seen_t + torch.arange(T, device=dev)
-        if attention_mask is None:
-            new_valid = torch.ones(cache.batch, T, dtype=torch.bool, device=dev)
-        else:
-            new_valid = attention_mask[:, attention_mask.shape[1] - T:].to(device=dev, dtype=torch.bool)
-        cache.valid.index_copy_(1, slots, new_valid)
-        positions = (cache.num_real[:, None] + new_valid.long().cumsum(-1) - 1).clamp(min=0)
-        cache.num_real += new_valid.sum(-1)
-        cache.seen_t += T
-        return Step(slots=slots, valid=cache.valid, positions=positions, cache=cache)
-
-    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, labels: Optional[Tensor] = None,
-                past_key_values: Optional[HybridCache] = None, use_cache: Optional[bool] = None,
-                logits_to_keep: int = 0, cu_seqlens: Optional[Tensor] = None, **kwargs) -> CausalLMOutputWithPast:
-        """Logits for every position (the last `logits_to_keep` if given) and, with labels, the
-        next-token loss (labels are shifted inside; -100 is ignored). With a cache (or
-        use_cache=True) the new tokens continue the cached sequence. cu_seqlens (int32 [N+1],
-        input_ids [1, T]): a packed batch of documents that do not see each other (training)."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids: expected shape [B, T], got {list(input_ids.shape)}")
-        if past_key_values is None and use_cache:
-            past_key_values = self.new_cache(input_ids.shape[0])
-        step = self.make_step(input_ids, attention_mask, past_key_values, cu_seqlens)
-        h = self.model.embed_tokens(input_ids)
-        if self.config.residual_in_fp32:
-            h = h.float()
-        h = self.run_layers(h, step)
-        if past_key_values is not None:
-            past_key_values.seen += input_ids.shape[1]
-        if logits_to_keep:
-            h = h[:, -logits_to_keep:]
-        h = self.model.final_layernorm(h.to(self.model.final_layernorm.weight.dtype))
-        logits = self.lm_head(h)
-        loss = None
-        if labels is not None:
-            loss = next_token_loss(logits, labels)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
-
-    # -- generate plumbing -------------------------------------------------------------------------
-
-    @classmethod
-    def _supports_default_dynamic_cache(cls) -> bool:
-        return False  # we bring our own cache (prepare_inputs_for_generation makes it)
-
-    def prepare_inputs_for_generation(self, input_ids: Tensor, past_key_values: Optional[HybridCache] = None,
-                                      attention_mask: Optional[Tensor] = None, use_cache: bool = True, **kwargs):
-        if past_key_values is None and use_cache:
-            past_key_values = self.new_cache(input_ids.shape[0])
-        seen = 0 if past_key_values is None else past_key_values.seen
-        inputs = {"input_ids": input_ids[:, seen:], "attention_mask": attention_mask,
-                  "past_key_values": past_key_values, "use_cache": use_cache}
-        if "logits_to_keep" in kwargs:
-            inputs["logits_to_keep"] = kwargs["logits_to_keep"]
-        return inputs
-
-    # -- initialisation ----------------------------------------------------------------------------
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -283,3 +140,228 @@ class HybridPreTrainedModel(PreTrainedModel, GenerationMixin):
             for p in (module.lambda_q1, module.lambda_k1, module.lambda_q2, module.lambda_k2):
                 init.normal_(p, mean=0.0, std=0.1)
             init.ones_(module.subln.weight)
+
+
+class HybridModel(HybridPreTrainedModel):
+    """The backbone, `model` in every checkpoint: embeddings, the decoder layers and the final
+    norm. Its forward returns the final normed hidden states (the LM head's input), which is what
+    trainers with a fused LM head (TRL) ask of `model.base_model`. Loading a causal LM's
+    checkpoint drops its lm_head."""
+
+    _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]
+
+    def __init__(self, config: HybridConfig):
+        super().__init__(config)
+        add_backbone(self, config, self.build_mixers(config), **self.extra_modules(config))
+        self.post_init()
+
+    # -- what a family provides: build_mixers(config) -> one mixer per layer; and may override these
+
+    def extra_modules(self, config: HybridConfig) -> dict[str, nn.Module]:
+        """Modules besides the layers (LRT's feedback projections)."""
+        return {}
+
+    def cache_kinds(self) -> list[Optional[str]]:
+        """Per layer: "kv" (attention with its own K,V), "mamba", or None (keeps nothing)."""
+        kinds = []
+        for layer in self.layers:
+            mixer = layer.attn
+            kinds.append("mamba" if isinstance(mixer, Mamba) else
+                         "kv" if isinstance(mixer, Attention) and not mixer.cross else None)
+        return kinds
+
+    def run_layers(self, h: Tensor, step: Step) -> Tensor:
+        for layer in self.layers:
+            h = layer(h, step)
+        return h
+
+    # -- shared ----------------------------------------------------------------------------------
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.embed_tokens = value
+
+    def new_cache(self, batch: int, max_len: Optional[int] = None) -> HybridCache:
+        """An empty cache; with max_len a static one (fixed buffers, CUDA-graph capturable decode)."""
+        c = self.config
+        windows = [getattr(layer.attn, "window", None) for layer in self.layers]
+        return HybridCache(self.cache_kinds(), batch, c.mamba_d_inner, c.mamba_d_conv, c.mamba_d_state,
+                           self.embed_tokens.weight.device, max_len, windows)
+
+    def make_step(self, h: Tensor, attention_mask: Optional[Tensor], cache: Optional[HybridCache],
+                  cu_seqlens: Optional[Tensor] = None) -> Step:
+        """Slots, validity and position ids of the new tokens h [B, T, ...]; records validity in the cache."""
+        B, T = h.shape[:2]
+        if cu_seqlens is not None:
+            return self._packed_step(h, attention_mask, cache, cu_seqlens)
+        seen = 0 if cache is None else cache.seen
+        dev = h.device
+        bad_mask = ValueError(f"attention_mask: expected shape [B={B}, {seen + T}] (cached + new tokens) "
+                              f"or [B={B}, T={T}], got {None if attention_mask is None else list(attention_mask.shape)}")
+        if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape[0] != B):
+            raise bad_mask
+        if cache is not None and cache.max_len is not None:
+            return self._static_step(T, attention_mask, cache)
+        slots = torch.arange(seen, seen + T, device=dev)
+        prev = None if cache is None else cache.valid
+        if attention_mask is not None:
+            valid = attention_mask.to(device=dev, dtype=torch.bool)
+            if valid.shape[1] == T and seen:  # a mask for the new tokens only
+                before = prev if prev is not None else torch.ones(B, seen, dtype=torch.bool, device=dev)
+                valid = torch.cat([before, valid], dim=1)
+            if valid.shape != (B, seen + T):
+                raise bad_mask
+        else:
+            valid = None if prev is None else torch.cat([prev, torch.ones(B, T, dtype=torch.bool, device=dev)], 1)
+        if valid is None:
+            positions = slots[None].expand(B, T)
+        else:
+            positions = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, seen:]
+        if cache is not None:
+            cache.valid = valid
+        return Step(slots=slots, valid=valid, positions=positions, cache=cache)
+
+    @staticmethod
+    def _packed_step(h: Tensor, attention_mask: Optional[Tensor], cache: Optional[HybridCache],
+                     cu_seqlens: Tensor) -> Step:
+        """make_step for a packed batch of documents (training): position ids restart at each."""
+        B, T = h.shape[:2]
+        if cache is not None or attention_mask is not None or B != 1:
+            raise ValueError(f"cu_seqlens: a packed batch has batch size 1, no attention_mask and no cache; "
+                             f"got input_ids {list(h.shape[:2])}, attention_mask "
+                             f"{None if attention_mask is None else list(attention_mask.shape)}, "
+                             f"cache {'given' if cache is not None else None}")
+        if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32 or cu_seqlens.numel() < 2:
+            raise ValueError(f"cu_seqlens: expected int32 [N+1] document offsets into T={T}, "
+                             f"got {cu_seqlens.dtype} {list(cu_seqlens.shape)}")
+        slots = torch.arange(T, device=h.device)
+        cu = cu_seqlens.to(h.device)
+        docs = torch.searchsorted(cu, slots.to(cu.dtype), right=True) - 1  # [T] document of each token
+        positions = slots - cu[docs.clamp(min=0)].long()
+        return Step(slots=slots, valid=None, positions=positions[None], cu_seqlens=cu, docs=docs[None])
+
+    @staticmethod
+    def _static_step(T: int, attention_mask: Optional[Tensor], cache: HybridCache) -> Step:
+        """make_step for a static cache: every value comes from device tensors updated in place, so a
+        captured decode step replays correctly (no Python int turns into a tensor here)."""
+        if cache.seen + T > cache.max_len:
+            raise ValueError(f"input_ids: {T} new tokens overflow the static cache "
+                             f"(max_len={cache.max_len}, {cache.seen} cached)")
+        dev = cache.valid.device
+        slots = cache.seen_t + torch.arange(T, device=dev)
+        if attention_mask is None:
+            new_valid = torch.ones(cache.batch, T, dtype=torch.bool, device=dev)
+        else:
+            new_valid = attention_mask[:, attention_mask.shape[1] - T:].to(device=dev, dtype=torch.bool)
+        cache.valid.index_copy_(1, slots, new_valid)
+        positions = (cache.num_real[:, None] + new_valid.long().cumsum(-1) - 1).clamp(min=0)
+        cache.num_real += new_valid.sum(-1)
+        cache.seen_t += T
+        return Step(slots=slots, valid=cache.valid, positions=positions, cache=cache)
+
+    def embed(self, input_ids: Optional[Tensor], inputs_embeds: Optional[Tensor]) -> Tensor:
+        """The residual stream's input [B, T, d] (fp32 if the config keeps the residual in fp32)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("input_ids, inputs_embeds: expected exactly one of them")
+        if input_ids is not None and input_ids.dim() != 2:
+            raise ValueError(f"input_ids: expected shape [B, T], got {list(input_ids.shape)}")
+        if inputs_embeds is not None and (inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size):
+            raise ValueError(f"inputs_embeds: expected shape [B, T, d={self.config.hidden_size}], "
+                             f"got {list(inputs_embeds.shape)}")
+        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        return h.float() if self.config.residual_in_fp32 else h
+
+    def cache_for(self, batch: int, past_key_values: Optional[HybridCache], use_cache: Optional[bool]
+                  ) -> Optional[HybridCache]:
+        """The cache a forward fills: the one given, a new one if use_cache, else None. Training with
+        gradient checkpointing takes none: the recompute in backward would write it twice."""
+        if self.is_gradient_checkpointing and self.training:
+            if past_key_values is not None:
+                raise ValueError("past_key_values: gradient checkpointing recomputes each layer in backward and "
+                                 "would write the cache twice; call model.eval() or gradient_checkpointing_disable()")
+            return None
+        if past_key_values is None and use_cache:
+            return self.new_cache(batch)
+        return past_key_values
+
+    def forward(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
+                past_key_values: Optional[HybridCache] = None, use_cache: Optional[bool] = None,
+                cu_seqlens: Optional[Tensor] = None, inputs_embeds: Optional[Tensor] = None,
+                **kwargs) -> BaseModelOutputWithPast:
+        """Final normed hidden states [B, T, d] of the new tokens (SambaY's cached prefill: of the
+        last token only). With a cache (or use_cache=True) they continue the cached sequence.
+        cu_seqlens (int32 [N+1], input_ids [1, T]): a packed batch of documents that do not see
+        each other (training)."""
+        h = self.embed(input_ids, inputs_embeds)
+        cache = self.cache_for(h.shape[0], past_key_values, use_cache)
+        step = self.make_step(h, attention_mask, cache, cu_seqlens)
+        T = h.shape[1]
+        h = self.run_layers(h, step)
+        if cache is not None:
+            cache.seen += T
+        h = self.final_layernorm(h.to(self.final_layernorm.weight.dtype))
+        return BaseModelOutputWithPast(last_hidden_state=h, past_key_values=cache)
+
+
+class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
+    """Causal LM: `model` (the family's base model) and `lm_head`. A family sets `model_class`."""
+
+    model_class: type[HybridModel]
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}  # tied only if the config says so
+
+    def __init__(self, config: HybridConfig):
+        super().__init__(config)
+        self.model = self.model_class(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def new_cache(self, batch: int, max_len: Optional[int] = None) -> HybridCache:
+        """An empty cache; with max_len a static one (fixed buffers, CUDA-graph capturable decode)."""
+        return self.model.new_cache(batch, max_len)
+
+    def cache_kinds(self) -> list[Optional[str]]:
+        return self.model.cache_kinds()
+
+    def forward(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
+                labels: Optional[Tensor] = None, past_key_values: Optional[HybridCache] = None,
+                use_cache: Optional[bool] = None, logits_to_keep: int = 0, cu_seqlens: Optional[Tensor] = None,
+                inputs_embeds: Optional[Tensor] = None, **kwargs) -> CausalLMOutputWithPast:
+        """Logits for every position (the last `logits_to_keep` if given) and, with labels, the
+        next-token loss (labels are shifted inside; -100 is ignored). With a cache (or
+        use_cache=True) the new tokens continue the cached sequence. cu_seqlens (int32 [N+1],
+        input_ids [1, T]): a packed batch of documents that do not see each other (training)."""
+        out = self.model(input_ids, attention_mask, past_key_values, use_cache, cu_seqlens, inputs_embeds)
+        h = out.last_hidden_state
+        logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
+        loss = None
+        if labels is not None:
+            loss = next_token_loss(logits, labels)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+
+    # -- generate plumbing -------------------------------------------------------------------------
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # we bring our own cache (prepare_inputs_for_generation makes it)
+
+    def prepare_inputs_for_generation(self, input_ids: Tensor, past_key_values: Optional[HybridCache] = None,
+                                      attention_mask: Optional[Tensor] = None, use_cache: bool = True, **kwargs):
+        if past_key_values is None and use_cache:
+            past_key_values = self.new_cache(input_ids.shape[0])
+        seen = 0 if past_key_values is None else past_key_values.seen
+        inputs = {"input_ids": input_ids[:, seen:], "attention_mask": attention_mask,
+                  "past_key_values": past_key_values, "use_cache": use_cache}
+        if "logits_to_keep" in kwargs:
+            inputs["logits_to_keep"] = kwargs["logits_to_keep"]
+        return inputs

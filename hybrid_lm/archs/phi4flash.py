@@ -25,7 +25,7 @@ from transformers import PretrainedConfig
 from transformers.generation import GenerationConfig
 
 from .config import SambaYConfig, preset_fields
-from .samba import SambaYForCausalLM
+from .samba import SambaYForCausalLM, SambaYModel
 
 logger = logging.getLogger(__name__)
 
@@ -147,10 +147,15 @@ class Phi4FlashConfig(SambaYConfig):
         return release_dict(self)  # the release's file lists every field: its code has other defaults
 
 
+class Phi4FlashModel(SambaYModel):
+    config_class = Phi4FlashConfig
+
+
 class Phi4FlashForCausalLM(SambaYForCausalLM):
     """Phi-4-mini-flash-reasoning: SambaY-DA, loaded from and saved in the released format."""
 
     config_class = Phi4FlashConfig
+    model_class = Phi4FlashModel
 
 
 def native_config(config: Phi4FlashConfig) -> SambaYConfig:
@@ -165,4 +170,4 @@ def native_config(config: Phi4FlashConfig) -> SambaYConfig:
     return SambaYConfig(**fields, architectures=["SambaYForCausalLM"], phi4flash_fields=kept)
 
 
-__all__ = ["Phi4FlashConfig", "Phi4FlashForCausalLM", "native_config", "release_dict"]
+__all__ = ["Phi4FlashConfig", "Phi4FlashForCausalLM", "Phi4FlashModel", "native_config", "release_dict"]

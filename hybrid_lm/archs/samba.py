@@ -13,12 +13,11 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
-from transformers import GenerationMixin
 
 from . import layers as hf_layers
 from .config import SambaConfig, SambaYConfig
 from .layers import Step
-from .model import HybridPreTrainedModel
+from .model import HybridForCausalLM, HybridModel
 
 
 def samba_mixers(config: SambaConfig, make: Any = hf_layers, layers: range | None = None) -> list[nn.Module]:
@@ -41,22 +40,28 @@ def sambay_mixers(config: SambaYConfig, make: Any = hf_layers) -> list[nn.Module
     return mixers
 
 
-class SambaForCausalLM(HybridPreTrainedModel, GenerationMixin):
+class SambaModel(HybridModel):
     config_class = SambaConfig
 
     def build_mixers(self, config: SambaConfig) -> list[nn.Module]:
         return samba_mixers(config)
 
 
+class SambaForCausalLM(HybridForCausalLM):
+    config_class = SambaConfig
+    model_class = SambaModel
+
+
 class SambaYLayers:
-    """SambaY's layer loop, shared with the vLLM model: the memory layer hands its scan output to
-    the GMUs; in prefill with a cache only the last token goes past the shared layer."""
+    """SambaY's layer loop, shared with the vLLM model (both reach the layers through
+    `base_model`): the memory layer hands its scan output to the GMUs; in prefill with a cache
+    only the last token goes past the shared layer."""
 
     def run_layers(self, h, step: Step):
         L = self.config.num_hidden_layers
         memory_layer, shared_layer = L // 2, L // 2 + 1
         prefill = step.cache is not None and h.shape[1] > 1
-        for i, layer in enumerate(self.model.layers):
+        for i, layer in enumerate(self.base_model.layers):
             if i == memory_layer:
                 h, step.memory = layer(h, step, return_memory=True)
             else:
@@ -66,8 +71,13 @@ class SambaYLayers:
         return h
 
 
-class SambaYForCausalLM(SambaYLayers, HybridPreTrainedModel, GenerationMixin):
+class SambaYModel(SambaYLayers, HybridModel):
     config_class = SambaYConfig
 
     def build_mixers(self, config: SambaYConfig) -> list[nn.Module]:
         return sambay_mixers(config)
+
+
+class SambaYForCausalLM(HybridForCausalLM):
+    config_class = SambaYConfig
+    model_class = SambaYModel

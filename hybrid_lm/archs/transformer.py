@@ -2,15 +2,19 @@
 from __future__ import annotations
 
 from torch import nn
-from transformers import GenerationMixin
 
 from .config import TransformerConfig
 from .layers import Attention
-from .model import HybridPreTrainedModel
+from .model import HybridForCausalLM, HybridModel
 
 
-class TransformerForCausalLM(HybridPreTrainedModel, GenerationMixin):
+class TransformerModel(HybridModel):
     config_class = TransformerConfig
 
     def build_mixers(self, config: TransformerConfig) -> list[nn.Module]:
         return [Attention(config, i, window=config.sliding_window) for i in range(config.num_hidden_layers)]
+
+
+class TransformerForCausalLM(HybridForCausalLM):
+    config_class = TransformerConfig
+    model_class = TransformerModel

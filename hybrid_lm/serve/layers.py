@@ -36,7 +36,7 @@ from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 from hybrid_lm import kernels as K
 from hybrid_lm.archs import layers as hf
 from hybrid_lm.archs.config import HybridConfig
-from hybrid_lm.archs.model import backbone
+from hybrid_lm.archs.model import add_backbone
 
 Tensor = torch.Tensor
 
@@ -215,13 +215,20 @@ class CausalLM(nn.Module):
         config = vllm_config.model_config.hf_config
         self.config = config
         prefix = f"{prefix}." if prefix else ""
-        self.model, self.lm_head = backbone(config, self.build_mixers(config, LayerFactory(prefix)),
-                                            **self.extra_modules(config))
+        self.model = nn.Module()
+        add_backbone(self.model, config, self.build_mixers(config, LayerFactory(prefix)), **self.extra_modules(config))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def extra_modules(self, config: HybridConfig) -> dict[str, nn.Module]:
         return {}
+
+    @property
+    def base_model(self) -> nn.Module:
+        """The module holding embed_tokens, layers and final_layernorm, as in transformers (where it
+        is the base model): the shared layer loops (SambaYLayers, LRTLayers) reach it this way."""
+        return self.model
 
     def embed_input_ids(self, input_ids: Tensor) -> Tensor:
         return self.model.embed_tokens(input_ids)

@@ -49,7 +49,7 @@ class LRTAttention(hf_lrt.LRTAttention):
         super().__init__(config, layer_idx)
         self.paged = paged_attention(self, prefix)
 
-    def forward(self, x: Tensor, step: ServeStep, feedback: Optional[Tensor] = None, pass_=None) -> Tensor:
+    def forward(self, x: Tensor, step: ServeStep, feedback: Optional[Tensor] = None) -> Tensor:
         k, v = (t[0] for t in self._kv(x, step.positions, feedback))
         q = self._q(x, step.positions)[0]
         rows, kv = step.rows, step.kv[self.layer_idx]

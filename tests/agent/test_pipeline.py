@@ -1,31 +1,24 @@
 """Behaviour cloning and evaluation end to end on a tiny SambaY: demonstrations from the experts,
 `hybrid-lm agent sft` lowering the action loss, `hybrid-lm agent eval` through vLLM."""
 import json
+import shutil
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM
 
-import hybrid_lm
 from hybrid_lm.agent import sft
 from hybrid_lm.agent.episodes import encode_episode
 from hybrid_lm.cli import main
-from hybrid_lm.train import data
 
 TASKS = "click-button,enter-text"
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tiny_policy):
     """A tokenizer, a random tiny SambaY saved with it, and the experts' demonstrations of two tasks."""
     root = tmp_path_factory.mktemp("agent")
-    tokenizer = data.train_tokenizer(data.load_documents(None, "train")[:200], 512)
-    ids = tokenizer.eos_token_id
-    torch.manual_seed(0)
-    model = hybrid_lm.build(hybrid_lm.config("sambay", "tiny", vocab_size=len(tokenizer), eos_token_id=ids,
-                                             bos_token_id=ids, pad_token_id=ids))
-    model.save_pretrained(root / "policy")
-    tokenizer.save_pretrained(root / "policy")
+    shutil.copytree(tiny_policy[0], root / "policy")
+    tokenizer = tiny_policy[1]
     assert main(["agent", "demos", "--tasks", TASKS, "--episodes", "6", "--out", str(root / "demos.jsonl"),
                  "--pool", "2"]) == 0
     return root, tokenizer
