@@ -12,7 +12,7 @@ into the running engine (our vLLM model's load_weights) before the next rollout.
 
 Three things make this exact rather than approximate:
 - the engine samples in the trainer's dtype: TRL builds its vllm.LLM with no dtype, and vLLM runs
-  an fp32 checkpoint in bf16 on a CPU (logprob gap ~3e-3 against ~3e-7), so `engine_dtype` binds it;
+  an fp32 checkpoint in bf16 on a CPU (logprob gap ~3e-3 against ~3e-7), so `engine_options` binds it;
 - the trainer scores the same tokens the engine sampled: generated ids, never re-tokenized text; an
   end-of-text token appended after a cut generation was not sampled, so it is masked out;
 - gradient checkpointing (GRPOConfig's default) recomputes our decoder layers exactly.
@@ -152,15 +152,18 @@ def env_reward(prompts, completions, env_reward, **kwargs) -> list[float]:
 
 
 @contextlib.contextmanager
-def engine_dtype(dtype: torch.dtype) -> Iterator[None]:
+def engine_options(policy: str, dtype: torch.dtype) -> Iterator[None]:
     """While TRL builds its vllm.LLM (it passes no dtype, and no GRPOConfig field reaches it),
-    build it in `dtype`: the engine then samples in the trainer's dtype."""
+    build it in `dtype`, so that the engine samples in the trainer's dtype, and with hybrid-lm's
+    engine arguments for the policy (hybrid_lm.serve.engine_args: fast prefill for SambaY)."""
     import functools
 
     from trl.generation import vllm_generation
 
+    from hybrid_lm.serve import engine_args
+
     original = vllm_generation.LLM
-    vllm_generation.LLM = functools.partial(original, dtype=str(dtype).removeprefix("torch."))
+    vllm_generation.LLM = functools.partial(original, dtype=str(dtype).removeprefix("torch."), **engine_args(policy))
     try:
         yield
     finally:
@@ -277,7 +280,7 @@ def build_trainer(args: argparse.Namespace, envs, **config_overrides):
     dataset = Dataset.from_dict({"prompt": instance_prompts(tasks, args.max_steps, args.instances)})
     rollout = Rollout(envs, tokenizer, args.max_obs_tokens, args.max_action_tokens, args.history)
     dtype = torch.bfloat16 if on_gpu else torch.float32  # what the trainer computes in
-    with engine_dtype(dtype):
+    with engine_options(args.policy, dtype):
         trainer = GRPOTrainer(model=model, reward_funcs=[env_reward], train_dataset=dataset,
                               args=grpo_config(args, max_len, on_gpu, **config_overrides),
                               processing_class=tokenizer, rollout_func=rollout,

@@ -7,6 +7,7 @@ overrides `run_layers` (SambaY's memory and last-token prefill, LRT's interleave
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Optional
 
 import torch
@@ -58,6 +59,14 @@ class DecoderLayer(GradientCheckpointingLayer):
         h = h[:, h.shape[1] - out.shape[1]:] + out  # a mixer may answer for the last token only
         h = h + self.mlp(self._norm(self.post_attention_layernorm, h))
         return h if extra is None else (h, extra)
+
+
+def run_decoder_layers(layers: Sequence[nn.Module], h: Tensor, step: Step) -> Tensor:
+    """Decoder layers one after the other (every family's loop, or part of it: SambaY's
+    cross-decoder reads the memory and the shared K,V that its self-decoder left in `step`)."""
+    for layer in layers:
+        h = layer(h, step)
+    return h
 
 
 def add_backbone(module: nn.Module, config: HybridConfig, mixers: list[nn.Module], **extra: nn.Module) -> None:
@@ -171,9 +180,7 @@ class HybridModel(HybridPreTrainedModel):
         return kinds
 
     def run_layers(self, h: Tensor, step: Step) -> Tensor:
-        for layer in self.layers:
-            h = layer(h, step)
-        return h
+        return run_decoder_layers(self.layers, h, step)
 
     # -- shared ----------------------------------------------------------------------------------
 

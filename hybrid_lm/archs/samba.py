@@ -10,14 +10,18 @@ runs on that token alone: the prompt costs one layer's K,V beyond the linear sel
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from . import layers as hf_layers
 from .config import SambaConfig, SambaYConfig
 from .layers import Step
-from .model import HybridForCausalLM, HybridModel
+from .model import HybridForCausalLM, HybridModel, run_decoder_layers
+
+Tensor = torch.Tensor
 
 
 def samba_mixers(config: SambaConfig, make: Any = hf_layers, layers: range | None = None) -> list[nn.Module]:
@@ -52,23 +56,35 @@ class SambaForCausalLM(HybridForCausalLM):
     model_class = SambaModel
 
 
-class SambaYLayers:
-    """SambaY's layer loop, shared with the vLLM model (both reach the layers through
-    `base_model`): the memory layer hands its scan output to the GMUs; in prefill with a cache
-    only the last token goes past the shared layer."""
+def run_self_decoder(layers: Sequence[nn.Module], h: Tensor, step: Step) -> Tensor:
+    """SambaY's self-decoder: its first L/2+2 layers, ending with the memory layer (its scan
+    output goes to step.memory, for the GMUs) and the shared full-attention layer (its K,V, for
+    the cross-attention layers). In prefill with a cache the shared layer answers for the last
+    token only, so the cross-decoder after it runs on that token alone."""
+    memory_layer, shared_layer = len(layers) - 2, len(layers) - 1
+    prefill = step.cache is not None and h.shape[1] > 1
+    for i, layer in enumerate(layers):
+        if i == memory_layer:
+            h, step.memory = layer(h, step, return_memory=True)
+        else:
+            step.last_only = prefill and i == shared_layer
+            h = layer(h, step)
+    step.last_only = False
+    return h
 
-    def run_layers(self, h, step: Step):
-        L = self.config.num_hidden_layers
-        memory_layer, shared_layer = L // 2, L // 2 + 1
-        prefill = step.cache is not None and h.shape[1] > 1
-        for i, layer in enumerate(self.base_model.layers):
-            if i == memory_layer:
-                h, step.memory = layer(h, step, return_memory=True)
-            else:
-                step.last_only = prefill and i == shared_layer
-                h = layer(h, step)
-        step.last_only = False
-        return h
+
+def cross_decoder_start(config: SambaYConfig) -> int:
+    """Index of SambaY's first cross-decoder layer (the layer after the shared full attention)."""
+    return config.num_hidden_layers // 2 + 2
+
+
+class SambaYLayers:
+    """SambaY's layer loop, self-decoder then cross-decoder; the vLLM model runs the same two
+    functions (there as two compiled units, with only the rows that need logits in between)."""
+
+    def run_layers(self, h: Tensor, step: Step) -> Tensor:
+        layers, split = self.base_model.layers, cross_decoder_start(self.config)
+        return run_decoder_layers(layers[split:], run_self_decoder(layers[:split], h, step), step)
 
 
 class SambaYModel(SambaYLayers, HybridModel):

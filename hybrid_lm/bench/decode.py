@@ -68,6 +68,7 @@ SWEEPS = {"gpu": Sweep("phi4-mini-flash", 2048, 32768, (1, 64)),
           "cpu": Sweep("tiny", 128, 512, (1, 8)),
           "quick": Sweep("tiny", 32, 64, (1, 2))}
 DEFAULT_ARCHS = ("transformer", "samba", "sambay", "lrt")
+PREFILL_LEN = {"full": 4096, "quick": 256}  # vLLM's prefill point: prompt tokens (16 generated)
 CHECKPOINTS = (1 / 8, 1 / 4, 1 / 2, 3 / 4, 1)  # fractions of --gen-len
 WINDOW_STEPS = 64  # steps timed for the instantaneous throughput (fewer if the first checkpoint is earlier)
 PROBE_STEPS = 8  # decode steps of the warm-up, over which the cache's growth per token is measured
@@ -314,6 +315,25 @@ def print_table(rows: list) -> None:
               f"{r['step_ms']:8.3f} {r['cache_bytes'] / 2**20:10.3f} {vs:>6}")
 
 
+def fast_prefill_speedups(prefill: list) -> dict:
+    """Per arch run both ways: time to first token with SambaY's fast prefill off over on."""
+    ok = {(r["arch"], r["fast_prefill"]): r["first_token_s"] for r in prefill if r["status"] == "ok"}
+    return {arch: ok[(arch, False)] / ok[(arch, True)] for arch, fast in ok if fast and (arch, False) in ok}
+
+
+def print_prefill(prefill: list) -> None:
+    print(f"\nprefill point: {'arch':12} {'fast prefill':>12} {'prompt':>6} {'first token s':>13} "
+          f"{'prefill tok/s':>13} {'+16 tokens s':>12}")
+    for r in prefill:
+        line = f"{'':15}{r['arch']:12} {str(r['fast_prefill']):>12} {r['prompt_len']:6d}"
+        if r["status"] != "ok":
+            print(f"{line} {r['status']}: {r['error'][:100]}")
+            continue
+        print(f"{line} {r['first_token_s']:13.3f} {r['prefill_tokens_per_s']:13.1f} {r['total_s']:12.3f}")
+    for arch, x in fast_prefill_speedups(prefill).items():
+        print(f"{arch}: fast prefill {x:.2f}x faster to the first token than without")
+
+
 def plot(rows: list, title: str, path: Path) -> bool:
     """Per batch size: tokens/s (solid: last steps, dashed: cumulative) and cache bytes versus
     generated length, one colour per architecture."""
@@ -402,6 +422,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `hybrid-lm bench decode`; a value left out comes from the device's sweep."""
     gpu, cpu = SWEEPS["gpu"], SWEEPS["cpu"]
@@ -415,6 +443,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{' '.join(map(str, cpu.batch_sizes))} on a CPU)")
     parser.add_argument("--quick", action="store_true",
                         help="the test sweep: " + ", ".join(f"{k} {v}" for k, v in SWEEPS["quick"]._asdict().items()))
+    parser.add_argument("--prefill-len", type=non_negative_int, default=None,
+                        help=f"vLLM engine: also time one prompt of this many tokens with {vllm_engine.PREFILL_GEN} "
+                             f"generated, per arch (SambaY with fast prefill on and off); default "
+                             f"{PREFILL_LEN['full']} ({PREFILL_LEN['quick']} with --quick), 0: none")
+    parser.add_argument("--eager", action="store_true", help="vLLM engine: " + vllm_engine.EAGER_HELP)
     parser.add_argument("--engine", choices=("hf", "vllm"), default="hf",
                         help="hf: our models' own decode loop (default); vllm: served through hybrid_lm.serve, "
                              "one generate call per row, prefill included (hybrid_lm.bench.vllm_engine)")
@@ -440,8 +473,11 @@ def run(args: argparse.Namespace) -> int:
 
     info = meta(device, dtype, sweep, archs, args.quick)
     info.update(engine=args.engine, vllm=vllm_engine.vllm_version() if vllm else None)
+    prefill, prefill_len = [], 0
     if vllm:
         info["decode_step"] = vllm_engine.DECODE_ROW
+        prefill_len = args.prefill_len if args.prefill_len is not None else PREFILL_LEN["quick" if args.quick else "full"]
+        info.update(eager=args.eager, prefill_len=prefill_len, prefill_point=vllm_engine.PREFILL_ROW)
     print(f"{info['device']}, {info['dtype']}: {sweep.preset} models, prompt {sweep.prompt_len}, up to "
           f"{sweep.gen_len} generated, batch {', '.join(map(str, sweep.batch_sizes))}; torch {info['torch']}")
     rows = []
@@ -457,17 +493,27 @@ def run(args: argparse.Namespace) -> int:
             if row["status"] == "error":
                 bar.write(f"error: {row['arch']} batch {row['batch']}: {row['error'][:300]}")
 
+        def emit_prefill(row: dict) -> None:
+            prefill.append(row)
+            jsonl.write(json.dumps({"prefill_point": row}) + "\n")
+            jsonl.flush()
+
         for arch in archs:
             if vllm:
-                vllm_engine.decode_rows(arch, sweep, checkpoints(sweep.gen_len), dtype, emit, bar)
+                vllm_engine.decode_rows(arch, sweep, checkpoints(sweep.gen_len), dtype, emit, bar, prefill_len,
+                                        emit_prefill, enforce_eager=args.eager)
             else:
                 bench_arch(arch, sweep, device, dtype, emit, bar)
         bar.close()
 
     summary = ratios(rows)
-    Path(f"{stem}.json").write_text(json.dumps({"meta": info, "sambay_vs_transformer": summary, "rows": rows},
-                                               indent=1) + "\n")
+    result = {"meta": info, "sambay_vs_transformer": summary, "rows": rows}
+    if vllm:
+        result.update(prefill_point=prefill, fast_prefill_speedup=fast_prefill_speedups(prefill))
+    Path(f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     print_table(rows)
+    if prefill:
+        print_prefill(prefill)
     step = "vLLM" if vllm else "CUDA-graph decode step" if device.type == "cuda" else "eager decode step"
     title = f"hybrid-lm decode, {info['device']}, {info['dtype']}, {sweep.preset} models, prompt {sweep.prompt_len}, {step}"
     wrote_png = plot(rows, title, Path(f"{stem}.png"))

@@ -49,11 +49,12 @@ def request_latency(out, fallback: float) -> float:
     return fallback
 
 
-def rollout(arch: str, preset: str, sessions: int, turns: int, obs: int, act: int, dtype: torch.dtype, bar) -> dict:
+def rollout(arch: str, preset: str, sessions: int, turns: int, obs: int, act: int, dtype: torch.dtype, bar,
+            eager: bool = False) -> dict:
     """One arch's rollout on a fresh seeded model (see the module docstring): a result row."""
     max_len = turns * (obs + act) + 8
     row = dict(arch=arch, preset=preset)
-    with vllm_engine.engine(arch, preset, max_len, dtype, disable_log_stats=False) as (llm, config):
+    with vllm_engine.engine(arch, preset, max_len, dtype, disable_log_stats=False, enforce_eager=eager) as (llm, config):
         row.update(run_sessions(llm, config, sessions, turns, obs, act, dtype, bar))
     return row
 
@@ -84,7 +85,8 @@ def run_sessions(llm, config, sessions: int, turns: int, obs: int, act: int, dty
     prompt_tokens = sum(t["prompt_tokens"] for t in per_turn)
     return dict(
         sessions=sessions, turns=turns, obs_tokens=obs, action_tokens=act,
-        status="ok", prefix_caching=vllm_engine.prefix_caching(llm), wall_s=wall,
+        status="ok", prefix_caching=vllm_engine.prefix_caching(llm), fast_prefill=vllm_engine.fast_prefill(llm),
+        compiled=not llm.llm_engine.vllm_config.model_config.enforce_eager, wall_s=wall,
         rollout_tokens_per_s=sessions * turns * (obs + act) / wall, action_tokens_per_s=sessions * turns * act / wall,
         latency_p50_s=float(np.percentile(latencies, 50)), latency_p90_s=float(np.percentile(latencies, 90)),
         latency_p99_s=float(np.percentile(latencies, 99)), turn_s=[t["seconds"] for t in per_turn],
@@ -148,6 +150,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           ("--obs-tokens", 3, "observation tokens per turn"), ("--action-tokens", 4, "action tokens per turn")):
         parser.add_argument(flag, type=positive_int, default=None, help=f"{what} (default: {gpu[i]} on a GPU, {cpu[i]} on a CPU)")
     parser.add_argument("--quick", action="store_true", help="the test sizes: " + " ".join(map(str, DEFAULTS["quick"])))
+    parser.add_argument("--eager", action="store_true", help=vllm_engine.EAGER_HELP)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -169,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
     info = dict(device=device_name(device), torch=torch.__version__, vllm=vllm_engine.vllm_version(),
                 dtype=str(dtype).removeprefix("torch."), preset=preset, archs=archs,
                 models={a: model_sizes(a, preset) for a in archs}, sessions=sessions, turns=turns, obs_tokens=obs,
-                action_tokens=act, started=time.strftime("%Y-%m-%dT%H:%M:%S%z"), argv=sys.argv,
+                action_tokens=act, eager=args.eager, started=time.strftime("%Y-%m-%dT%H:%M:%S%z"), argv=sys.argv,
                 load_avg_1min=os.getloadavg()[0],  # CPU timings on a busy machine mean little
                 workload=__doc__.split("\n\n")[1].replace("\n", " "))
     print(f"{info['device']}, {info['dtype']}, vLLM {info['vllm']}: {preset} models, {sessions} sessions x {turns} turns, "
@@ -181,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
         for arch in archs:
             bar.set_postfix_str(arch, refresh=False)
             try:
-                row = rollout(arch, preset, sessions, turns, obs, act, dtype, bar)
+                row = rollout(arch, preset, sessions, turns, obs, act, dtype, bar, args.eager)
             except Exception as e:  # the other archs still run
                 row = dict(arch=arch, status="error", error=f"{type(e).__name__}: {e}")
             rows.append(row)

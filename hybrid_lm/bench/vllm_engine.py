@@ -3,12 +3,17 @@ served through our plugin, and `hybrid-lm bench decode --engine vllm`.
 
 Each architecture gets a seeded random model of the preset, saved (bf16 on a GPU, fp32 on a CPU)
 to a temporary folder and loaded by one `vllm.LLM` (prompts as token ids, no tokenizer). vLLM's
-defaults apply otherwise, so what is measured is what a user gets: prefix caching on for every
-arch but LRT (hybrid_lm.serve.config says why).
+defaults apply otherwise, with hybrid-lm's engine arguments (hybrid_lm.serve.engine_args), so
+what is measured is what a user of our engines gets: compiled models (LRT eager), prefix caching
+on for every arch but LRT (hybrid_lm.serve.config says why), fast prefill for SambaY.
 
 Decode rows: for each batch size and each checkpoint of the generation length, one
 `llm.generate` of `batch` random prompts of `prompt_len` tokens and `gen` output tokens each
 (ignore_eos); output tokens/s = batch * gen / wall time, prefill included.
+
+The prefill point (PREFILL_ROW): one long prompt at a time, for the cost of a turn's new
+observation. SambaY runs it twice, with vLLM's fast prefill on (hybrid-lm's default: its
+cross-decoder runs on the sampled rows only) and off (on every prompt token).
 """
 from __future__ import annotations
 
@@ -22,8 +27,15 @@ from typing import Iterator
 import torch
 
 import hybrid_lm
+from hybrid_lm.serve import engine_args as serve_args
 
 SEED = 0
+EAGER_HELP = ("serve eagerly (vLLM's enforce_eager): no compilation at start-up, which on a CPU takes a minute or "
+              "two per engine; the default is compiled, as vLLM serves")
+PREFILL_GEN, PREFILL_REPEATS = 16, 3
+PREFILL_ROW = (f"vLLM prefill point: one prompt of prompt_len fresh random tokens at a time (no prefix-cache hit); "
+               f"first_token_s: wall time of a generate of 1 token, total_s: of {PREFILL_GEN} tokens; "
+               f"medians of {PREFILL_REPEATS}")
 DECODE_ROW = ("vLLM: one llm.generate of batch prompts x gen output tokens (ignore_eos) per row; "
               "tokens/s = batch * gen / its wall time, prefill included")
 
@@ -51,7 +63,8 @@ def state_bytes(config, tokens: int, dtype_bytes: int) -> int:
 
 @contextmanager
 def serve(path, max_len: int, dtype: torch.dtype, **engine_args) -> Iterator:
-    """A `vllm.LLM` serving the checkpoint at `path` (prompts as token ids), shut down on exit."""
+    """A `vllm.LLM` serving the checkpoint at `path` (prompts as token ids), shut down on exit;
+    compiled (vLLM's default), with hybrid_lm.serve.engine_args under any `engine_args` given."""
     from vllm import LLM
 
     # without a tokenizer vLLM's chat-template warm-up fails and logs a traceback as a warning:
@@ -59,7 +72,7 @@ def serve(path, max_len: int, dtype: torch.dtype, **engine_args) -> Iterator:
     logging.getLogger("vllm.renderers.base").setLevel(logging.ERROR)
     on_cpu = not torch.cuda.is_available()
     llm = LLM(str(path), skip_tokenizer_init=True, dtype=str(dtype).removeprefix("torch."), max_model_len=max_len,
-              seed=SEED, enforce_eager=on_cpu, gpu_memory_utilization=0.2 if on_cpu else 0.85, **engine_args)
+              seed=SEED, gpu_memory_utilization=0.2 if on_cpu else 0.85, **{**serve_args(path), **engine_args})
     try:
         yield llm
     finally:
@@ -99,12 +112,15 @@ def generate(llm, prompts: list[list[int]], max_tokens: int) -> tuple[float, lis
     return time.perf_counter() - start, outs
 
 
-def decode_rows(arch: str, sweep, stops: list[int], dtype: torch.dtype, emit, bar) -> None:
-    """`bench decode --engine vllm` rows of one arch (see the module docstring), in decode.py's FIELDS."""
+def decode_rows(arch: str, sweep, stops: list[int], dtype: torch.dtype, emit, bar, prefill_len: int = 0,
+                emit_prefill=None, **engine_args) -> None:
+    """`bench decode --engine vllm` rows of one arch (see the module docstring), in decode.py's FIELDS;
+    with prefill_len, then its prefill point (`prefill_point`) through `emit_prefill`."""
     dtype_bytes = torch.finfo(dtype).bits // 8
     row = {"arch": arch, "preset": sweep.preset, "prompt_len": sweep.prompt_len}
+    max_len = max(sweep.prompt_len + sweep.gen_len, prefill_len + PREFILL_GEN)
     try:
-        with engine(arch, sweep.preset, sweep.prompt_len + sweep.gen_len, dtype) as (llm, config):
+        with engine(arch, sweep.preset, max_len, dtype, **engine_args) as (llm, config):
             g = torch.Generator().manual_seed(SEED)
             generate(llm, [random_tokens(sweep.prompt_len, config.vocab_size, g)], 4)  # warm-up
             for batch in sweep.batch_sizes:
@@ -116,8 +132,39 @@ def decode_rows(arch: str, sweep, stops: list[int], dtype: torch.dtype, emit, ba
                               cum_tokens_per_s=batch * gen / seconds, step_ms=1e3 * seconds / gen,
                               cache_bytes=batch * state_bytes(config, sweep.prompt_len + gen, dtype_bytes)))
                     bar.update(1)
+            if prefill_len:
+                emit_prefill(prefill_point(llm, arch, prefill_len))
     except Exception as e:  # an arch that fails becomes an error row; the sweep goes on
         emit(dict(row, status="error", error=f"{type(e).__name__}: {e}"))
+        return
+    if prefill_len and fast_prefill(llm):  # the same point with SambaY's skip off
+        try:
+            with engine(arch, sweep.preset, max_len, dtype, **engine_args, kv_sharing_fast_prefill=False) as (llm, _):
+                emit_prefill(prefill_point(llm, arch, prefill_len))
+        except Exception as e:
+            emit_prefill(dict(arch=arch, prompt_len=prefill_len, fast_prefill=False, status="error",
+                              error=f"{type(e).__name__}: {e}"))
+
+
+def fast_prefill(llm) -> bool:
+    return bool(llm.llm_engine.vllm_config.cache_config.kv_sharing_fast_prefill)
+
+
+def prefill_point(llm, arch: str, prompt_len: int) -> dict:
+    """The prefill-heavy point (PREFILL_ROW) on a running engine."""
+    vocab = llm.llm_engine.model_config.hf_config.vocab_size
+    g = torch.Generator().manual_seed(SEED + 1)
+
+    def median_seconds(max_tokens: int) -> float:
+        # a fresh random prompt each time: nothing comes from the prefix cache
+        times = sorted(generate(llm, [random_tokens(prompt_len, vocab, g)], max_tokens)[0]
+                       for _ in range(PREFILL_REPEATS))
+        return times[len(times) // 2]
+
+    generate(llm, [random_tokens(prompt_len, vocab, g)], 1)  # warm-up at this length
+    first = median_seconds(1)
+    return dict(arch=arch, prompt_len=prompt_len, generated=PREFILL_GEN, fast_prefill=fast_prefill(llm), status="ok",
+                first_token_s=first, prefill_tokens_per_s=prompt_len / first, total_s=median_seconds(PREFILL_GEN))
 
 
 def vllm_version() -> str | None:

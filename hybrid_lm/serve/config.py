@@ -14,7 +14,14 @@ next turn also finds the blocks its last action filled.
 LRT cannot be served from a cache or in chunks and stay what the model computes: its prefill is
 the interleaved schedule over the whole prompt, and a chunk (or a cached prefix) would be refined
 on its own. Its hook turns both off, so each prompt is one forward, exactly the transformers
-model's over the same tokens.
+model's over the same tokens. It also serves LRT eagerly: vLLM traces a compiled graph once,
+and LRT's passes depend on each batch's positions and its prefill/decode split.
+
+Fast prefill (SambaY): vLLM's `kv_sharing_fast_prefill` (`--kv-sharing-fast-prefill`) is off by
+default, as for every vLLM model, because with it prompt tokens get no logits (prompt logprobs
+are refused). Turned on, SambaY's cross-decoder runs only on the rows vLLM samples from
+(hybrid_lm.serve.samba); hybrid-lm's own engines (benchmarks, agent evaluation and RL) turn it
+on for SambaY.
 """
 from __future__ import annotations
 
@@ -45,8 +52,9 @@ class ServeHooks(VerifyAndUpdateConfig):
 
 
 class WholePromptHooks(ServeHooks):
-    """LRT: no prefix caching and no chunked prefill, with a warning naming the reason; the token
-    budget of a step is raised to max_model_len so that any prompt fits in one forward."""
+    """LRT: no prefix caching, no chunked prefill and no compilation, with a warning naming the
+    reason; the token budget of a step is raised to max_model_len so that any prompt fits in one
+    forward."""
 
     @classmethod
     def verify_and_update_config(cls, vllm_config) -> None:
@@ -60,6 +68,11 @@ class WholePromptHooks(ServeHooks):
                            "so a cached prefix or a prompt chunk would change its output; %s turned off for this "
                            "model (every prompt is one forward).", vllm_config.model_config.architecture,
                            " and ".join(turned_off))
+        if not vllm_config.model_config.enforce_eager:
+            logger.warning("hybrid-lm: %s is served eagerly (enforce_eager): which tokens each refinement pass "
+                           "runs depends on the batch, and vLLM compiles a graph once.",
+                           vllm_config.model_config.architecture)
+            vllm_config.model_config.enforce_eager = True
         cache.enable_prefix_caching = False
         scheduler.enable_chunked_prefill = False
         scheduler.long_prefill_token_threshold = 0

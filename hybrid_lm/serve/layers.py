@@ -14,6 +14,13 @@ vLLM hands a forward a flat batch of N tokens: decode requests first (one token 
 prefill chunks. Our layers take [B, T, ...], so the batch runs as B = 1, T = N; attention keeps
 requests apart through vLLM's metadata, the Mamba layers through cu_seqlens and state slots.
 
+Compiled serving: the layers run inside `DecoderUnit`s that vLLM compiles (`support_torch_compile`)
+and, on a GPU, captures as CUDA graphs. vLLM traces a unit once, so whatever depends on the batch
+(the prefill/decode split, state slots, query lengths) must sit inside an opaque op that the
+graph calls: vLLM's attention op, and our Mamba mixer's `serve_mamba_mixer` (registered as a
+graph-splitting op like vLLM's own Mamba ops). Everything else is plain tensor code, traced
+through our kernels' custom ops and their fake implementations.
+
 Differential attention (SambaY-DA) attends with values of twice the head size (both halves'
 values, [v_even | v_odd]). vLLM's attention kernels take one head size for K and V, so a DA layer
 caches keys zero-padded to 2*dh and values duplicated per half: twice the natural KV memory.
@@ -27,6 +34,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig, get_current_vllm_config
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.attention import Attention as PagedAttention
@@ -36,7 +44,7 @@ from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 from hybrid_lm import kernels as K
 from hybrid_lm.archs import layers as hf
 from hybrid_lm.archs.config import HybridConfig
-from hybrid_lm.archs.model import add_backbone
+from hybrid_lm.archs.model import add_backbone, run_decoder_layers
 
 Tensor = torch.Tensor
 
@@ -49,7 +57,6 @@ class ServeStep:
         self.positions = positions[None]
         self.cache = None
         self.memory: Optional[Tensor] = None
-        self.last_only = False
 
 
 def layer_metadata(prefix: str):
@@ -92,16 +99,23 @@ class Attention(hf.Attention):
     def attend(self, q: Tensor, k: Optional[Tensor], v: Optional[Tensor]) -> Tensor:
         """q [N, H, dh], k, v [N, Hkv, dh] (None: a cross layer) -> [N, H * dh]; writes k, v to the cache."""
         if not self.differential:
-            return self.paged(q.flatten(1), None if k is None else k.flatten(1), None if v is None else v.flatten(1))
+            return self.paged(q.flatten(1), *self.cache_layout(q, k, v))
         dh, half = self.head_dim, self.heads // 2
         # even heads first, then odd: query head i of either half meets its half's KV head i // group
         q2 = F.pad(torch.cat([q[:, 0::2], q[:, 1::2]], 1), (0, dh))
         if k is not None:
-            k = F.pad(torch.cat([k[:, 0::2], k[:, 1::2]], 1), (0, dh)).flatten(1)
+            k = F.pad(torch.cat([k[:, 0::2], k[:, 1::2]], 1), (0, dh))
             v12 = torch.cat([v[:, 0::2], v[:, 1::2]], -1)  # [N, Hkv/2, 2 dh]
-            v = torch.cat([v12, v12], 1).flatten(1)
-        o = self.paged(q2.flatten(1), k, v).unflatten(-1, (self.heads, 2 * dh))
+            v = torch.cat([v12, v12], 1)
+        o = self.paged(q2.flatten(1), *self.cache_layout(q2, k, v)).unflatten(-1, (self.heads, 2 * dh))
         return self.inner_cross_attn.combine(o[:, :half], o[:, half:]).flatten(1)
+
+    def cache_layout(self, q: Tensor, k: Optional[Tensor], v: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        """K, V as vLLM's attention op takes them, [N, Hkv * head size]. A cross layer brings none
+        (it reads the shared cache) but the op's schema wants tensors: empty ones."""
+        if k is None:
+            k = v = q.new_empty(0, self.paged.num_kv_heads * self.paged.head_size)
+        return k.flatten(1), v.flatten(1)
 
 
 class StateSlots(MambaBase):
@@ -139,7 +153,12 @@ class Mamba(hf.Mamba, StateSlots):
     chunks run the varlen conv and scan from their slot (zeros for a new request) and write the
     final states back. With prefix caching (align mode) a request's slot is that of the block
     holding its last scheduled token, into which vLLM has copied the state it continues from (its
-    previous block's, or a cache hit's): the same reads and writes serve both modes."""
+    previous block's, or a cache hit's): the same reads and writes serve both modes.
+
+    Between the projections, the conv and scan run inside one opaque op, `serve_mamba_mixer`:
+    what they do depends on the batch (which rows decode, which prefill, which slots), and a
+    graph that vLLM compiles is traced once, so that part must stay out of it (vLLM splits its
+    compiled graph there, as at attention)."""
 
     def __init__(self, config: HybridConfig, layer_idx: int, *, prefix: str):
         hf.Mamba.__init__(self, config, layer_idx)
@@ -148,15 +167,19 @@ class Mamba(hf.Mamba, StateSlots):
 
     def forward(self, x: Tensor, step: ServeStep, return_memory: bool = False):
         xs, z = self.in_proj(x[0]).chunk(2, dim=-1)  # [N, Di] each
+        y = torch.empty_like(xs)
+        torch.ops.hybrid_lm.serve_mamba_mixer(xs, z, not return_memory, y, self.prefix)
+        return self.output(y[None], z[None], return_memory)
+
+    def mix(self, xs: Tensor, gate: Optional[Tensor]) -> Tensor:
+        """Conv and scan of the batch's inputs xs [N, Di] (gated by `gate` unless None) -> y [N, Di]."""
         weight = self.conv1d.weight.squeeze(1)
         A, D, bias = self.ssm_constants()
-        gate = None if return_memory else z
         md = layer_metadata(self.prefix)
         if md is None:  # profiling run: one stateless sequence
             u = K.causal_conv1d(xs[None], weight, self.conv1d.bias, "silu")
             delta, B, C = self.ssm_inputs(u)
-            y = K.selective_scan(u, delta, A, B, C, D, None if gate is None else gate[None], bias, True)
-            return self.output(y, z[None], return_memory)
+            return K.selective_scan(u, delta, A, B, C, D, None if gate is None else gate[None], bias, True)[0]
         conv, ssm = self.kv_cache
         nd, n = md.num_decode_tokens, md.num_decode_tokens + md.num_prefill_tokens
         y = xs.new_zeros(xs.shape)  # rows past n (padding) stay zero
@@ -176,7 +199,20 @@ class Mamba(hf.Mamba, StateSlots):
                                              True, ssm[idx] * keep, True, cu_seqlens=cu)
             conv[idx], ssm[idx] = conv_final.to(conv.dtype), ssm_final.to(ssm.dtype)
             y[nd:n] = yp[0]
-        return self.output(y[None], z[None], return_memory)
+        return y
+
+
+@torch.library.custom_op("hybrid_lm::serve_mamba_mixer", mutates_args=("y",))
+def serve_mamba_mixer(xs: Tensor, z: Tensor, gated: bool, y: Tensor, layer_name: str) -> None:
+    """y = the conv and scan of Mamba layer `layer_name` over vLLM's batch (xs, z [N, Di]; z
+    gates the scan when `gated`), the layer found in the current forward context."""
+    layer = get_forward_context().no_compile_layers[layer_name]
+    y.copy_(layer.mix(xs, z if gated else None))
+
+
+@serve_mamba_mixer.register_fake
+def _(xs: Tensor, z: Tensor, gated: bool, y: Tensor, layer_name: str) -> None:
+    return None
 
 
 class LayerFactory:
@@ -204,30 +240,62 @@ class LayerFactory:
     GMU = staticmethod(hf.GMU)
 
 
+class DecoderUnit(nn.Module):
+    """Decoder layers (and, for the last unit of a model, the final norm) that vLLM compiles as
+    one unit and, on a GPU, captures as CUDA graphs, piecewise: the graph is split at the
+    attention and Mamba ops, which read the batch's metadata. The loops over the layers are
+    hybrid_lm.archs' own. h [N, d] and positions [N] are vLLM's flat batch.
+
+    Each unit is a subclass with its own `forward`: vLLM keys its cache of compiled graphs by the
+    forward function (and the config), so two units sharing one would load each other's graph."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", layers: nn.ModuleList,
+                 final_norm: Optional[nn.Module] = None):
+        super().__init__()
+        self.layers, self.final_norm = layers, final_norm
+
+    def normed(self, h: Tensor) -> Tensor:
+        return self.final_norm(h.to(self.final_norm.weight.dtype))
+
+
+@support_torch_compile(dynamic_arg_dims={"h": 0, "positions": 0})
+class Decoder(DecoderUnit):
+    """Every layer, then the final norm."""
+
+    def forward(self, h: Tensor, positions: Tensor) -> Tensor:
+        return self.normed(run_decoder_layers(self.layers, h[None], ServeStep(positions))[0])
+
+
 class CausalLM(nn.Module):
     """The vLLM side of a hybrid_lm checkpoint: the module tree of hybrid_lm.archs (same tensor
     names), `forward` returning final hidden states, `compute_logits`, and `load_weights`.
     A family subclass defines `build_mixers(config, factory)`, one mixer per layer (called in
-    __init__), and may override `extra_modules` and `hidden_states`."""
+    __init__), and may override `extra_modules`, `build_decoders` and `hidden_states`."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
         config = vllm_config.model_config.hf_config
         self.config = config
         prefix = f"{prefix}." if prefix else ""
-        self.model = nn.Module()
+        self.model = nn.Module()  # first: parameter names are those of their first parent, model.*
         add_backbone(self.model, config, self.build_mixers(config, LayerFactory(prefix)), **self.extra_modules(config))
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.build_decoders(vllm_config, prefix)
 
     def extra_modules(self, config: HybridConfig) -> dict[str, nn.Module]:
         return {}
 
+    def build_decoders(self, vllm_config: VllmConfig, prefix: str) -> None:
+        """The compiled unit(s) over the layers: here one, every layer then the final norm."""
+        self.decoder = Decoder(vllm_config=vllm_config, prefix=f"{prefix}decoder", layers=self.model.layers,
+                               final_norm=self.model.final_layernorm)
+
     @property
     def base_model(self) -> nn.Module:
         """The module holding embed_tokens, layers and final_layernorm, as in transformers (where it
-        is the base model): the shared layer loops (SambaYLayers, LRTLayers) reach it this way."""
+        is the base model): LRT's shared layer loop (LRTLayers) reaches it this way."""
         return self.model
 
     def embed_input_ids(self, input_ids: Tensor) -> Tensor:
@@ -238,17 +306,11 @@ class CausalLM(nn.Module):
         h = self.embed_input_ids(input_ids) if inputs_embeds is None else inputs_embeds
         if self.config.residual_in_fp32:
             h = h.float()
-        return self.hidden_states(h[None], ServeStep(positions))[0]
+        return self.hidden_states(h, positions)
 
-    def hidden_states(self, h: Tensor, step: ServeStep) -> Tensor:
-        """Final normed hidden states [1, N, d] of the embedded tokens h [1, N, d]."""
-        h = self.run_layers(h, step)
-        return self.model.final_layernorm(h.to(self.model.final_layernorm.weight.dtype))
-
-    def run_layers(self, h: Tensor, step: ServeStep) -> Tensor:
-        for layer in self.model.layers:
-            h = layer(h, step)
-        return h
+    def hidden_states(self, h: Tensor, positions: Tensor) -> Tensor:
+        """Final normed hidden states [N, d] of the embedded tokens h [N, d] at `positions` [N]."""
+        return self.decoder(h, positions)
 
     def compute_logits(self, hidden_states: Tensor) -> Tensor:
         return self.lm_head(hidden_states.to(self.lm_head.weight.dtype))

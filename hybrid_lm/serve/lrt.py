@@ -92,14 +92,19 @@ class LRTForCausalLM(hf_lrt.LRTLayers, CausalLM, HasInnerState, IsHybrid):
         step.rows, step.positions = rows, positions[rows][None]
         return self.final_state(self.run_layers(h[None, rows], step, None if memory is None else memory[None]))[0]
 
-    def hidden_states(self, h: Tensor, step: ServeStep) -> Tensor:
-        h, positions = h[0], step.positions[0]
+    def build_decoders(self, vllm_config, prefix: str) -> None:
+        """None: LRT is served eagerly (the config hook sets enforce_eager). Its passes are picked by
+        the batch's positions and split into prefill and decode rows, and a graph compiled once
+        would keep the passes of the batch it was traced on."""
+
+    def hidden_states(self, h: Tensor, positions: Tensor) -> Tensor:
+        step = ServeStep(positions)
         N, L = h.shape[0], self.config.num_hidden_layers
         step.kv = [None] * L
         everything = torch.arange(N, device=h.device)
         md = layer_metadata(self.latent.prefix)
         if md is None:  # profiling run: one pass, m = 0
-            return self._pass(h, step, positions, everything, None)[None]
+            return self._pass(h, step, positions, everything, None)
         latent = self.latent.kv_cache[0]
         nd, n = md.num_decode_tokens, md.num_decode_tokens + md.num_prefill_tokens
         dtype = self.model.final_layernorm.weight.dtype
@@ -113,7 +118,7 @@ class LRTForCausalLM(hf_lrt.LRTLayers, CausalLM, HasInnerState, IsHybrid):
             z = self._subset_passes(h, step, positions, z, md, latent, nd, n)
         if nd:
             latent[idx_d] = z[:nd].float()
-        return z[None]
+        return z
 
     def _subset_passes(self, h, step, positions, z, md, latent, nd, n) -> Tensor:
         """Passes 1..S over the prefill tokens; writes each prefill request's latent."""

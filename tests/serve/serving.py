@@ -40,3 +40,24 @@ def vllm_greedy(llm, prompts: list[list[int]], max_tokens: list[int]) -> list[li
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in max_tokens]
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     return [list(o.outputs[0].token_ids) for o in outs]
+
+
+def count_rows(model) -> None:
+    """Run inside an engine's worker (llm.apply_model; an eager engine, where the units' Python
+    runs every step): count the rows SambaY's self-decoder, its cross-decoder and the LM head
+    see from now on, in model.rows_seen."""
+    counts = model.rows_seen = {"self_decoder": 0, "cross_decoder": 0, "logits": 0}
+
+    def counting(fn, key):
+        def wrapped(h, *args, **kwargs):
+            counts[key] += h.shape[0]
+            return fn(h, *args, **kwargs)
+        return wrapped
+
+    model.self_decoder.forward = counting(model.self_decoder.forward, "self_decoder")
+    model.cross_decoder.forward = counting(model.cross_decoder.forward, "cross_decoder")
+    model.compute_logits = counting(model.compute_logits, "logits")
+
+
+def rows_seen(model) -> dict:
+    return dict(model.rows_seen)

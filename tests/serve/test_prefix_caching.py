@@ -6,6 +6,9 @@ tokens on the whole history, while turns after the first are served from the cac
 `num_cached_tokens`). Samba, SambaY, SambaY-DA and the released phi4flash format resume their
 Mamba conv and SSM states from the block slots of vLLM's align mode; LRT is served without
 caching and chunking (each prompt one forward) and must equal transformers all the same.
+
+The SambaY engines run with hybrid-lm's engine arguments, so with vLLM's fast prefill: the
+cross-decoder answers only for the rows vLLM samples from, and must still equal transformers.
 """
 from __future__ import annotations
 
@@ -15,7 +18,9 @@ import pytest
 import torch
 
 from release import write_release
-from serving import ENGINE_ARGS, hf_greedy, tiny_checkpoint, vllm_greedy
+from serving import ENGINE_ARGS, count_rows, hf_greedy, rows_seen, tiny_checkpoint, vllm_greedy
+
+from hybrid_lm.serve import engine_args
 
 ARCHS = ["samba", "sambay", "sambay-da", "phi4flash"]
 ACTION = 6  # generated tokens per turn
@@ -35,9 +40,11 @@ def load(path, arch: str, seed: int = 0):
 
 
 def engine(path, **args):
+    """An eager engine on the checkpoint at `path`, with hybrid-lm's engine arguments (fast prefill for SambaY)."""
     from vllm import LLM
 
-    return LLM(str(path), skip_tokenizer_init=True, **{**ENGINE_ARGS, "max_model_len": 1024, **args})
+    return LLM(str(path), skip_tokenizer_init=True,
+               **{**ENGINE_ARGS, "max_model_len": 1024, **engine_args(path), **args})
 
 
 def shutdown(llm) -> None:
@@ -53,6 +60,10 @@ def served(request, tmp_path_factory):
     llm = engine(path, max_num_batched_tokens=BUDGET)
     yield arch, model, llm
     shutdown(llm)
+
+
+def fast_prefill(llm) -> bool:
+    return llm.llm_engine.vllm_config.cache_config.kv_sharing_fast_prefill
 
 
 def block_size(llm) -> int:
@@ -98,9 +109,43 @@ def assert_cached_histories(report, B: int) -> None:
 
 
 def test_prefix_caching_is_on_by_default(served):
-    _, _, llm = served
+    arch, _, llm = served
     config = llm.llm_engine.vllm_config.cache_config
     assert config.enable_prefix_caching and config.mamba_cache_mode == "align"
+    assert fast_prefill(llm) == (arch != "samba")
+
+
+def test_prompts_of_1_to_300_tokens_mixed_with_decodes(served):
+    """Prompts of 1 to 300 tokens in one generate call under a 64-token budget: long prompts run in
+    chunks while short requests already decode, so steps mix decode rows and prefill chunks (some
+    ending mid-block); a second call repeats some prompts with a new ending (prefix-cache hits)."""
+    _, model, llm = served
+    g = torch.Generator().manual_seed(16)
+    prompts = [tokens(n, g) for n in (1, 2, 9, 31, 64, 65, 127, 190, 300)]
+    n = [12, 30, 5, 17, 1, 9, 22, 3, 8]
+    assert vllm_greedy(llm, prompts, n) == hf_greedy(model, prompts, n)
+    again = [p + tokens(7 + i, g) for i, p in enumerate(prompts[4:])]
+    outs = llm.generate([{"prompt_token_ids": p} for p in again], greedy(), use_tqdm=False)
+    assert [list(o.outputs[0].token_ids) for o in outs] == hf_greedy(model, again, [ACTION] * len(again))
+    assert sum(o.num_cached_tokens for o in outs) > 0
+
+
+def test_cross_decoder_runs_on_sampled_rows_only(served):
+    """With fast prefill the cross-decoder sees exactly the rows the LM head samples from (one per
+    request per step), while the self-decoder sees every scheduled token."""
+    arch, model, llm = served
+    if arch == "samba":
+        pytest.skip("Samba has no cross-decoder")
+    llm.apply_model(count_rows)
+    g = torch.Generator().manual_seed(17)
+    prompts, n = [tokens(m, g) for m in (250, 3, 120)], [4, 10, 6]
+    assert vllm_greedy(llm, prompts, n) == hf_greedy(model, prompts, n)
+    (seen,) = llm.apply_model(rows_seen)
+    # every prompt token and every generated token but the last is fed once (no cache hit here)
+    assert seen["self_decoder"] == sum(map(len, prompts)) + sum(n) - len(n)
+    assert seen["cross_decoder"] == seen["logits"]
+    # one row per request and step: a few dozen, against 390 without the skip
+    assert seen["cross_decoder"] < seen["self_decoder"] / 4
 
 
 def test_turns_equal_transformers_on_the_whole_history(served):
