@@ -37,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--turns", type=positive_int, default=3, help="turns per session (default: 3)")
     parser.add_argument("--obs-tokens", type=positive_int, default=600, help="observation tokens per turn (default: 600)")
     parser.add_argument("--action-tokens", type=positive_int, default=32, help="action tokens per turn (default: 32)")
+    parser.add_argument("--eager", action="store_true", help=vllm_engine.EAGER_HELP)
 
 
 def train(arch: str, out: Path, steps: int) -> dict:
@@ -56,7 +57,7 @@ def serve_rollout(out: Path, args, dtype: torch.dtype, bar) -> dict:
     """The rollout workload on the checkpoint at `out`, served by vLLM through the plugin."""
     config = AutoConfig.from_pretrained(out)
     max_len = min(args.turns * (args.obs_tokens + args.action_tokens) + 8, config.max_position_embeddings)
-    with vllm_engine.serve(out, max_len, dtype, disable_log_stats=False) as llm:
+    with vllm_engine.serve(out, max_len, dtype, disable_log_stats=False, enforce_eager=args.eager) as llm:
         result = rollout.run_sessions(llm, config, args.sessions, args.turns, args.obs_tokens, args.action_tokens,
                                       dtype, bar)
     with torch.device("meta"):

@@ -476,7 +476,7 @@ def run(args: argparse.Namespace) -> int:
     prefill, prefill_len = [], 0
     if vllm:
         info["decode_step"] = vllm_engine.DECODE_ROW
-        prefill_len = args.prefill_len if args.prefill_len is not None else PREFILL_LEN["quick" if args.quick else "full"]
+        prefill_len = PREFILL_LEN["quick" if args.quick else "full"] if args.prefill_len is None else args.prefill_len
         info.update(eager=args.eager, prefill_len=prefill_len, prefill_point=vllm_engine.PREFILL_ROW)
     print(f"{info['device']}, {info['dtype']}: {sweep.preset} models, prompt {sweep.prompt_len}, up to "
           f"{sweep.gen_len} generated, batch {', '.join(map(str, sweep.batch_sizes))}; torch {info['torch']}")

@@ -54,7 +54,8 @@ def rollout(arch: str, preset: str, sessions: int, turns: int, obs: int, act: in
     """One arch's rollout on a fresh seeded model (see the module docstring): a result row."""
     max_len = turns * (obs + act) + 8
     row = dict(arch=arch, preset=preset)
-    with vllm_engine.engine(arch, preset, max_len, dtype, disable_log_stats=False, enforce_eager=eager) as (llm, config):
+    with vllm_engine.engine(arch, preset, max_len, dtype, disable_log_stats=False,
+                            enforce_eager=eager) as (llm, config):
         row.update(run_sessions(llm, config, sessions, turns, obs, act, dtype, bar))
     return row
 

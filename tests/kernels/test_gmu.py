@@ -1,5 +1,4 @@
 import torch
-import torch.nn.functional as F
 import pytest
 
 from hybrid_lm.kernels import gmu, reference

@@ -6,7 +6,7 @@ import json
 
 from hybrid_lm import demo
 
-SMALL = ["--steps", "3", "--sessions", "2", "--turns", "2", "--obs-tokens", "24", "--action-tokens", "4"]
+SMALL = ["--steps", "3", "--sessions", "2", "--turns", "2", "--obs-tokens", "24", "--action-tokens", "4", "--eager"]
 
 
 def test_demo_end_to_end_and_rerun(tmp_path, capsys):

@@ -58,7 +58,7 @@ def server(request, tmp_path_factory):
     log = open(path / "server.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
+    deadline = time.time() + 600  # start-up includes compiling the model (vLLM default): minutes on a CPU
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"vllm serve exited with {proc.returncode}:\n{(path / 'server.log').read_text()[-4000:]}")
@@ -70,7 +70,7 @@ def server(request, tmp_path_factory):
             time.sleep(1)
     else:
         proc.kill()
-        raise RuntimeError("vllm serve did not become healthy in 300 s")
+        raise RuntimeError("vllm serve did not become healthy in 600 s")
     yield base, path
     proc.terminate()
     try:

@@ -3,7 +3,6 @@ equals the dense one when k = vocab, online and top-k runs lower the student's K
 random teacher on held-out rows, a vocabulary mismatch is refused, and sequence mode trains only
 on completion tokens."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
