@@ -31,6 +31,11 @@ estimate as its reason (an out-of-memory error all the same becomes that row's e
 On a GPU each decode step is one CUDA-graph replay over a static cache; on a CPU it is an eager
 call over the growing cache (DECODE_STEP, also in the JSON's meta).
 
+With --engine vllm the rows come from vLLM engines (compiled, as vLLM serves; --eager skips the
+compilation), and each arch also gets a prefill point (--prefill-len, default 4096, quick 256:
+one prompt of that many fresh tokens, 16 generated). SambaY runs it with vLLM's fast prefill on
+and off, and the JSON records the speed-up (hybrid_lm.bench.vllm_engine).
+
 Output in --out: decode-<device>.jsonl (a meta line, then each row as it is measured, so a run cut
 off by a time limit still leaves results), decode-<device>.json (meta, the SambaY / Transformer
 throughput ratios, all rows) and decode-<device>.png (tokens/s and cache bytes versus generated
