@@ -7,11 +7,13 @@ becomes the release's format, so a fine-tuned or distilled model can be publishe
 read it. The two formats share the module tree, so the tensors keep their names and are copied
 bit for bit, dtype included, into the same files as the source's (or re-sharded on request);
 only config.json is rewritten (archs/phi4flash.py): a round trip gives back identical files. Other files
-(tokenizer, generation config, the release's code) are copied; trainer state is not.
+(tokenizer, generation config, the release's code) are copied; trainer state is not. The bos, eos
+and pad token ids are written only where the source's config.json has them inside its vocabulary.
 
 Every tensor is checked against the target model's names and shapes before anything is
 written. The output is assembled in a temporary folder beside DST and renamed at the end: a
-failed conversion leaves nothing behind, and an existing DST is never touched.
+failed conversion leaves nothing behind, and an existing DST is replaced only with --overwrite
+(swapped out after the new one is whole).
 """
 from __future__ import annotations
 
@@ -21,20 +23,23 @@ import math
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers.utils.hub import convert_file_size_to_int
 
 from hybrid_lm.archs import expected_shapes
 from hybrid_lm.archs.config import SambaYConfig
-from hybrid_lm.archs.phi4flash import Phi4FlashConfig, native_config, release_dict
+from hybrid_lm.archs.model import open_tensors
+from hybrid_lm.archs.phi4flash import TOKEN_IDS, Phi4FlashConfig, native_config, release_dict
 
 INDEX = "model.safetensors.index.json"
 WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors$")
-NOT_COPIED = {"config.json", INDEX, "trainer_state.pt"}
+# rewritten, or training state and logs (a training run's folder is a valid source: its top-level
+# links lead to the latest checkpoint, copied as files)
+NOT_COPIED = {"config.json", INDEX, "trainer_state.pt", "checkpoints", "metrics.jsonl", "loss.png"}
 
 
 def parse_size(text: str) -> int:
@@ -61,7 +66,7 @@ def tensor_files(src: Path) -> dict[str, Path]:
                 raise FileNotFoundError(f"{file}: listed in {INDEX} but missing")
         return files
     if (src / "model.safetensors").is_file():
-        with safe_open(src / "model.safetensors", "pt") as f:
+        with open_tensors(src / "model.safetensors") as f:
             return dict.fromkeys(f.keys(), src / "model.safetensors")
     raise FileNotFoundError(f"{src}: expected model.safetensors or {INDEX}, found neither")
 
@@ -72,7 +77,7 @@ def check_tensors(files: dict[str, Path], config: SambaYConfig) -> dict[str, int
     shapes = expected_shapes(config)
     found: dict[str, tuple[list[int], int]] = {}
     for file in sorted(set(files.values())):
-        with safe_open(file, "pt") as f:
+        with open_tensors(file) as f:
             for name in f.keys():
                 if files.get(name) == file:
                     t = f.get_slice(name)
@@ -131,7 +136,7 @@ def write_tensors(dst: Path, files: dict[str, Path], shards: list[tuple[str, lis
     for shard_name, names in shards:
         tensors = {}
         for name in names:
-            with safe_open(files[name], "pt") as f:
+            with open_tensors(files[name]) as f:
                 tensors[name] = f.get_tensor(name)
             progress.update()
         save_file(tensors, dst / shard_name, metadata={"format": "pt"})
@@ -142,16 +147,25 @@ def write_tensors(dst: Path, files: dict[str, Path], shards: list[tuple[str, lis
                                             indent=2) + "\n")
 
 
-def convert(src: str | os.PathLike, dst: str | os.PathLike, max_shard_size: int | None = None) -> str:
+def convert(src: str | os.PathLike, dst: str | os.PathLike, max_shard_size: int | None = None,
+            overwrite: bool = False) -> str:
     """Convert the checkpoint at `src` (release format or ours) into the other format at `dst`
-    (which must not exist, or be an empty folder). The tensors keep the source's files (shard
-    names, which tensor in which, the index), unless max_shard_size (bytes) asks for new shards.
-    Returns the format written: "phi4flash" or "hybrid_sambay"."""
+    (which must not exist, or be an empty folder, or with `overwrite` a checkpoint folder to
+    replace). The tensors keep the source's files (shard names, which tensor in which, the
+    index), unless max_shard_size (bytes) asks for new shards. Returns the format written:
+    "phi4flash" or "hybrid_sambay"."""
     src, dst = Path(src), Path(dst)
     if not (src / "config.json").is_file():
         raise FileNotFoundError(f"{src}: expected a checkpoint folder with config.json")
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        raise FileExistsError(f"{dst}: exists and is not an empty folder; choose a new output path")
+    replace = dst.exists() and (not dst.is_dir() or any(dst.iterdir()))
+    if replace and not overwrite:
+        raise FileExistsError(f"{dst}: exists and is not an empty folder; pass --overwrite to replace it, or choose "
+                              "a new output path")
+    if replace and not (dst / "config.json").is_file():
+        raise FileExistsError(f"{dst}: not a checkpoint folder (no config.json); --overwrite only replaces "
+                              "checkpoints: choose a new output path")
+    if dst.resolve() == src.resolve():
+        raise ValueError(f"{dst}: the output must differ from the source")
     try:
         source = json.loads((src / "config.json").read_text())
     except ValueError as e:
@@ -164,6 +178,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, max_shard_size: int 
     else:
         raise ValueError(f"{src / 'config.json'}: expected model_type 'phi4flash' (the release) or "
                          f"'hybrid_sambay' (ours, sambay-da), got {model_type!r}")
+    keep_token_ids(target, source, src / "config.json")
     target.validate_arch()
     files = tensor_files(src)
     sizes = check_tensors(files, target)
@@ -186,24 +201,41 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, max_shard_size: int 
             if item.name in NOT_COPIED or item.name in weight_files or WEIGHT_FILE.fullmatch(item.name):
                 continue
             (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
         if dst.exists():
-            dst.rmdir()
+            dst.rename(old)  # kept until the new folder is in place
         tmp.rename(dst)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target.model_type
 
 
+def keep_token_ids(target: SambaYConfig, source: dict, path: Path) -> None:
+    """Give `target` the bos/eos/pad token ids of the `source` config.json (read from `path`) that
+    lie in the vocabulary, None for the others. Both config classes can add ids of their own: the
+    phi4-mini-flash preset's (the release's 199999), outside a smaller model's vocabulary."""
+    for name in TOKEN_IDS:
+        value = source.get(name)
+        ids = value if isinstance(value, list) else [value]  # eos_token_id may list several
+        inside = all(isinstance(i, int) and 0 <= i < target.vocab_size for i in ids)
+        if value is not None and not inside:
+            warnings.warn(f"{path}: {name}={value} is not a token id of the vocabulary (vocab_size "
+                          f"{target.vocab_size}); not written")
+        setattr(target, name, value if inside else None)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", help="checkpoint folder: the release's format (phi4flash) or ours (sambay-da)")
-    parser.add_argument("dst", help="output folder (must not exist yet); gets the other format")
+    parser.add_argument("dst", help="output folder (must not exist yet, unless --overwrite); gets the other format")
+    parser.add_argument("--overwrite", action="store_true", help="replace DST if it holds a checkpoint")
     parser.add_argument("--max-shard-size", type=parse_size, default=None,
                         help="re-shard into files of at most this size, e.g. 5GB or 500MB (default: keep the "
                              "source's files, so a round trip gives back the same files)")
 
 
 def run(args: argparse.Namespace) -> int:
-    written = convert(args.src, args.dst, args.max_shard_size)
+    written = convert(args.src, args.dst, args.max_shard_size, args.overwrite)
     print(f"wrote {args.dst} ({'the released Phi-4-mini-flash format' if written == 'phi4flash' else 'hybrid-lm sambay-da'})")
     return 0

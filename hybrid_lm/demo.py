@@ -23,9 +23,9 @@ from transformers import AutoConfig
 import hybrid_lm
 
 from hybrid_lm.bench import rollout, vllm_engine
-from hybrid_lm.bench.decode import positive_int
 from hybrid_lm.bench.kernels import device_name, progress
-from hybrid_lm.train import pretrain
+from hybrid_lm.cli import positive_int
+from hybrid_lm.train import checkpoint, pretrain
 
 ARCHS = ("sambay", "transformer")
 
@@ -42,9 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def train(arch: str, out: Path, steps: int) -> dict:
     """Pretrain (or reuse, or resume) one model; its final training loss and last validation row."""
-    resume = (out / "trainer_state.pt").exists()
+    resume = checkpoint.has_checkpoint(out)
     print(f"\n== {arch}: {'resuming' if resume else 'pretraining'} in {out}", flush=True)
-    code = pretrain.main(["--arch", arch, "--out", str(out), "--max-steps", str(steps)] + (["--resume"] if resume else []))
+    # the demo owns its folders: a run killed before its first checkpoint starts again
+    code = pretrain.main(["--arch", arch, "--out", str(out), "--max-steps", str(steps),
+                          "--resume" if resume else "--overwrite"])
     if code:
         raise SystemExit(f"pretraining {arch} failed with exit code {code}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]

@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from hybrid_lm.bench.decode import positive_int
+from hybrid_lm.cli import positive_int
 
 from .env import EVAL_SEED, MAX_STEPS
 from .experts import DEFAULT_TASKS, EXPERTS, expert_policy
@@ -35,7 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", default=None, help="comma-separated MiniWoB tasks with an expert "
                         f"(default: {','.join(DEFAULT_TASKS)})")
     parser.add_argument("--episodes", type=positive_int, default=40, help="episodes per task (default: 40)")
-    parser.add_argument("--out", type=Path, default=Path("runs/agent/demos.jsonl"), help="JSONL file to write")
+    parser.add_argument("--out", type=Path, default=Path("runs/agent/demos.jsonl"), help="JSONL file to write "
+                        "(an existing one is replaced only with --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     parser.add_argument("--pool", type=positive_int, default=4, help="browsers in flight (default: 4)")
     parser.add_argument("--step-cap", type=positive_int, default=MAX_STEPS, help="steps per episode (default: 8)")
 
@@ -73,6 +75,9 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"--tasks: no expert for {', '.join(no_expert)}; experts: {', '.join(EXPERTS)}")
     if args.episodes > EVAL_SEED:
         raise SystemExit(f"--episodes: at most {EVAL_SEED} (training seeds stay below the evaluation seeds)")
+    if args.out.exists() and not args.overwrite:
+        raise FileExistsError(f"--out {args.out}: already exists; pass --overwrite to replace it, or choose "
+                              "another file")
     jobs = [(task, seed) for task in tasks for seed in range(args.episodes)]
     with browsers(min(args.pool, len(jobs)), args.step_cap) as envs, progress_bar(len(jobs), "demos") as bar:
         episodes = play(jobs, expert_policy, envs, bar)

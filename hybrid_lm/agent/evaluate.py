@@ -20,7 +20,9 @@ from pathlib import Path
 
 import torch
 
-from .demos import positive_int, progress_bar, success_table, task_list
+from hybrid_lm.cli import non_negative_float, positive_int
+
+from .demos import progress_bar, success_table, task_list
 from .env import EVAL_SEED, MAX_STEPS
 from .episodes import MAX_ACTION_TOKENS, MAX_OBS_TOKENS
 
@@ -32,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/agent/eval"), help="output folder")
     parser.add_argument("--pool", type=positive_int, default=8, help="browsers in flight (default: 8)")
     parser.add_argument("--step-cap", type=positive_int, default=MAX_STEPS, help="steps per episode (default: 8)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: 0, greedy)")
+    parser.add_argument("--temperature", type=non_negative_float, default=0.0, help="sampling temperature (default: 0, greedy)")
     parser.add_argument("--max-obs-tokens", type=positive_int, default=MAX_OBS_TOKENS)
     parser.add_argument("--max-action-tokens", type=positive_int, default=MAX_ACTION_TOKENS)
 

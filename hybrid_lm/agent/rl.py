@@ -24,7 +24,8 @@ TRL's importance-sampling correction account for.
 Output (--out DIR): the final checkpoint (HF format, tokenizer included), metrics.jsonl (one line
 per step: success_rate, mean_reward, episode_steps, invalid_action_rate, browser_errors,
 rollout_seconds, train_seconds, tokens_generated, logprob_gap_mean/max, loss, ...), success.png
-(the curve), and checkpoints/ (TRL's, for --resume: weights, optimizer, scheduler, step).
+(the curve), and checkpoints/ (TRL's, for --resume: weights, optimizer, scheduler, step). A folder
+that holds files is refused unless --resume continues its run or --overwrite replaces it.
 """
 from __future__ import annotations
 
@@ -37,7 +38,10 @@ from typing import Iterator, Optional
 
 import torch
 
-from .demos import positive_int, task_list
+from hybrid_lm.cli import non_negative_float, non_negative_int, positive_float, positive_int
+from hybrid_lm.train import checkpoint
+
+from .demos import task_list
 from .env import EVAL_SEED, MAX_STEPS, InvalidAction, parse_action
 from .episodes import MAX_ACTION_TOKENS, MAX_OBS_TOKENS, Episode, LMPolicy, encode_episode, play
 
@@ -50,12 +54,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-steps", type=positive_int, default=40, help="GRPO steps (default: 40)")
     parser.add_argument("--out", type=Path, default=Path("runs/agent/rl"), help="output folder")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="delete the run in --out and start a new one")
     parser.add_argument("--instances", type=positive_int, default=4, help="task instances per step (default: 4)")
     parser.add_argument("--group-size", type=positive_int, default=8,
                         help="sessions per task instance, GRPO's group (default: 8)")
-    parser.add_argument("--lr", type=float, default=1e-5, help="learning rate, constant (default: 1e-5)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
-    parser.add_argument("--beta", type=float, default=0.0, help="KL coefficient to the start policy (default: 0)")
+    parser.add_argument("--lr", type=positive_float, default=1e-5, help="learning rate, constant (default: 1e-5)")
+    parser.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature (default: 1.0)")
+    parser.add_argument("--beta", type=non_negative_float, default=0.0,
+                        help="KL coefficient to the start policy (default: 0)")
     parser.add_argument("--pool", type=positive_int, default=8, help="browsers in flight (default: 8)")
     parser.add_argument("--step-cap", type=positive_int, default=MAX_STEPS, help="steps per episode (default: 8)")
     parser.add_argument("--history", type=positive_int, default=None,
@@ -63,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-obs-tokens", type=positive_int, default=MAX_OBS_TOKENS)
     parser.add_argument("--max-action-tokens", type=positive_int, default=MAX_ACTION_TOKENS)
     parser.add_argument("--save-every", type=positive_int, default=10, help="checkpoint every N steps (default: 10)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
 
 
 def instance_prompts(tasks: list[str], steps: int, instances: int) -> list[str]:
@@ -298,14 +304,12 @@ def run(args: argparse.Namespace) -> int:
 
     require_vllm()
     if not Path(args.policy, "config.json").is_file():
-        raise SystemExit(f"--policy: {args.policy} is not a checkpoint folder (no config.json)")
+        raise FileNotFoundError(f"--policy: {args.policy} is not a checkpoint folder (no config.json)")
     metrics_path = args.out / "metrics.jsonl"
+    checkpoint.claim_output(args.out, args.resume, args.overwrite)
     resume_from = last_checkpoint(args.out / "checkpoints")
     if args.resume and resume_from is None:
-        raise SystemExit(f"--resume: {args.out / 'checkpoints'} holds no checkpoint to continue from")
-    if not args.resume and (metrics_path.exists() or resume_from is not None):
-        raise SystemExit(f"--out: {args.out} already holds an rl run; pass --resume to continue it, "
-                         "or choose another folder")
+        raise FileNotFoundError(f"--resume: {args.out / 'checkpoints'} holds no checkpoint to continue from")
     args.out.mkdir(parents=True, exist_ok=True)
     if resume_from is not None:  # the curve continues from the checkpoint: drop steps logged after it
         step = json.loads((resume_from / "trainer_state.json").read_text())["global_step"]

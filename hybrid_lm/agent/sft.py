@@ -7,8 +7,8 @@ and its end-of-text token); observations and padding carry none. It runs through
 `labels` loss, so LRT trains with its interleaved passes as in pretraining.
 
 The training loop is pretraining's (hybrid_lm.train.pretrain.train_loop: WSD schedule, clipping,
-atomic checkpoints, --resume). Output (--out): the fine-tuned HF checkpoint (AutoModelForCausalLM
-and vLLM load it), trainer_state.pt, loss.png and metrics.jsonl, whose rows add `val_action_loss`:
+atomic checkpoints, --resume, --overwrite). Output (--out): the fine-tuned HF checkpoint
+(AutoModelForCausalLM and vLLM load it; its checkpoints under checkpoints/), loss.png and metrics.jsonl, whose rows add `val_action_loss`:
 the mean action-token loss, in eval mode, over held-out demonstrations (every tenth; with fewer than
 ten demonstrations, over all of them).
 """
@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from hybrid_lm.train import data, optim, pretrain
+from hybrid_lm.train import checkpoint, data, optim, pretrain
 from hybrid_lm.train.distill import IGNORE, RowCursor
 
-from .demos import positive_int
+from hybrid_lm.cli import non_negative_int, positive_float, positive_int
 from .episodes import MAX_OBS_TOKENS, Episode, encode_episode
 
 
@@ -101,19 +101,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "output): any of our archs, with its tokenizer")
     parser.add_argument("--demos", type=Path, required=True, help="JSONL of `hybrid-lm agent demos`")
     parser.add_argument("--max-steps", type=positive_int, default=300, help="optimizer steps (default: 300)")
-    parser.add_argument("--out", default="runs/agent/sft", help="output checkpoint folder")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="demonstrations per step")
     parser.add_argument("--grad-accum", type=positive_int, default=1)
-    parser.add_argument("--lr", type=float, default=1.0, help="multiplier of the optimizer's base learning rates")
+    parser.add_argument("--lr", type=positive_float, default=1.0, help="multiplier of the optimizer's base learning rates")
     parser.add_argument("--optimizer", default="adamw", choices=("muon", "adamw"))
-    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--warmup", type=non_negative_int, default=10)
     parser.add_argument("--max-obs-tokens", type=positive_int, default=MAX_OBS_TOKENS,
                         help="token budget of one observation (as eval and RL serve it)")
-    parser.add_argument("--log-every", type=positive_int, default=10)
     parser.add_argument("--eval-every", type=positive_int, default=50)
-    parser.add_argument("--save-every", type=positive_int, default=100)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    pretrain.add_output_arguments(parser, "runs/agent/sft")
     # what pretraining's loop reads and behaviour cloning fixes: no token budget, no time box, no sample
     parser.set_defaults(tokens=None, stop_at=None, sample=0, fsdp=False, seq_len=None)
 
@@ -121,18 +118,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM
 
+    if not Path(args.policy, "config.json").is_file():
+        raise FileNotFoundError(f"--policy: {args.policy} is not a checkpoint folder (no config.json)")
+    episodes = load_demos(args.demos)
+    out, resume_from = pretrain.open_output(args, True, 1)
     torch.manual_seed(args.seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    source = out if args.resume else args.policy
+    source = resume_from or args.policy
     tokenizer = data.load_tokenizer(str(source))
     model = AutoModelForCausalLM.from_pretrained(str(source)).to(device)
     if getattr(model.config, "arch", None) is None:
         raise ValueError(f"--policy {args.policy!r}: not a hybrid-lm checkpoint (its config has no arch)")
-    state = pretrain.load_state(out, model.config.arch) if args.resume else None
+    state = None if resume_from is None else checkpoint.load_state(resume_from, model.config.arch)
 
-    episodes = load_demos(args.demos)
     sequences = [encode_episode(tokenizer, ep.steps, args.max_obs_tokens) for ep in episodes]
     held_out = [s for i, s in enumerate(sequences) if i % 10 == 9] or sequences
     train = [s for i, s in enumerate(sequences) if i % 10 != 9] or sequences

@@ -8,6 +8,8 @@ architecture exactly (see shared/PHI4_FLASH.md), for the other archs the same di
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import math
 from typing import Any
 
@@ -16,6 +18,11 @@ from transformers import PretrainedConfig
 ARCHS = ("transformer", "samba", "sambay", "sambay-da", "lrt")
 DEPTH_PRESETS = {f"d{d}": d for d in range(8, 25, 2)}
 PRESETS = ("tiny", *DEPTH_PRESETS, "phi4-mini-flash")
+# sizes: each must be >= 1 (checked in this order, so a bad hidden_size is named before the
+# mamba_dt_rank derived from it)
+POSITIVE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                   "num_key_value_heads", "head_dim", "max_position_embeddings", "mamba_d_state", "mamba_expand",
+                   "mamba_dt_rank", "lrt_gate_features", "lrt_subsets")
 
 
 class HybridConfig(PretrainedConfig):
@@ -72,9 +79,16 @@ class HybridConfig(PretrainedConfig):
 
     def validate_arch(self) -> None:
         """Raise ValueError if this config cannot be built."""
-        h, kv, d = self.num_attention_heads, self.num_key_value_heads, self.hidden_size
-        if min(h, kv, d, self.num_hidden_layers, self.head_dim, self.vocab_size) <= 0:
-            raise ValueError("config: sizes (hidden_size, heads, layers, head_dim, vocab_size) must be positive")
+        for name in POSITIVE_FIELDS:
+            if getattr(self, name) < 1:
+                raise ValueError(f"config: {name} must be a positive int, got {getattr(self, name)!r}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"config: norm_eps must be > 0, got {self.norm_eps!r}")
+        if self.rope_theta is not None and not self.rope_theta > 0:
+            raise ValueError(f"config: rope_theta must be > 0 or None, got {self.rope_theta!r}")
+        if not self.initializer_range >= 0:
+            raise ValueError(f"config: initializer_range must be >= 0, got {self.initializer_range!r}")
+        h, kv = self.num_attention_heads, self.num_key_value_heads
         if h % kv:
             raise ValueError(f"config: num_key_value_heads={kv} must divide num_attention_heads={h}")
         if self.norm_type not in ("rmsnorm", "layernorm"):
@@ -125,8 +139,6 @@ class LRTConfig(HybridConfig):
 
     def validate_arch(self) -> None:
         super().validate_arch()
-        if self.lrt_subsets < 1:
-            raise ValueError(f"config: lrt_subsets must be >= 1, got {self.lrt_subsets}")
         if self.lrt_feedback not in ("shared", "layerwise"):
             raise ValueError(f"config: lrt_feedback must be 'shared' or 'layerwise', got {self.lrt_feedback!r}")
         if self.lrt_gate_features > self.hidden_size:
@@ -180,14 +192,46 @@ def _size_fields(arch: str, preset: str) -> dict:
     return fields
 
 
+# Keywords transformers' PretrainedConfig takes besides its dataclass fields: the special token ids
+# (no longer declared fields in transformers 5, but generate reads them from the config) and the
+# ones its __post_init__ consumes
+TRANSFORMERS_KWARGS = frozenset({"bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "num_labels",
+                                 "name_or_path", "output_attentions", "attn_implementation", "experts_implementation"})
+# The Python types each part of a field's annotation admits (annotations are strings: postponed
+# evaluation); bool is an int subclass, so an int field refuses it unless "bool" is listed
+_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "None": (type(None),)}
+
+
+def _check_override(arch: str, name: str, value: Any, annotations: dict[str, str]) -> None:
+    if name not in annotations and name not in TRANSFORMERS_KWARGS:
+        close = difflib.get_close_matches(name, [*annotations, *TRANSFORMERS_KWARGS], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"config: unknown field {name!r} for arch {arch!r}{hint}")
+    parts = [p.strip() for p in annotations.get(name, "").split("|")]
+    if not all(p in _TYPES for p in parts):
+        return  # transformers' own richer annotations (list[str] | None, torch.dtype, ...): left unchecked
+    allowed = tuple(t for p in parts for t in _TYPES[p])
+    if not isinstance(value, allowed) or (isinstance(value, bool) and "bool" not in parts):
+        raise ValueError(f"config: {name} expects {annotations[name]}, got {value!r} ({type(value).__name__})")
+
+
 def config(arch: str, preset: str = "tiny", **overrides: Any) -> HybridConfig:
-    """Build the config of `arch` at `preset` size; overrides apply verbatim (None included)."""
+    """Build the config of `arch` at `preset` size; overrides apply verbatim (None included).
+    Every override is checked before any work starts: an unknown name or a value of the wrong type
+    raises ValueError, and so does an out-of-range one (validate_arch)."""
     if arch not in CONFIG_CLASSES:
         raise ValueError(f"arch: expected one of {', '.join(ARCHS)}, got {arch!r}")
     if preset not in PRESETS:
         raise ValueError(f"preset: expected one of tiny, d8..d24 (even), phi4-mini-flash, got {preset!r}")
+    # here, not in the config classes: transformers builds those bare and from any config.json
+    annotations = {f.name: f.type for f in dataclasses.fields(CONFIG_CLASSES[arch])}
+    for name, value in overrides.items():
+        _check_override(arch, name, value, annotations)
     fields = preset_fields(arch, preset)
     fields.update(overrides)
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):  # the release's ids, past a smaller vocabulary
+        if name not in overrides and fields.get(name) is not None and fields[name] >= fields["vocab_size"]:
+            del fields[name]
     cfg = CONFIG_CLASSES[arch](**fields)
     cfg.validate_arch()
     return cfg

@@ -6,12 +6,15 @@ overrides `run_layers` (SambaY's memory and last-token prefill, LRT's interleave
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -80,6 +83,18 @@ def add_backbone(module: nn.Module, config: HybridConfig, mixers: list[nn.Module
         module.add_module(name, child)
 
 
+@contextlib.contextmanager
+def open_tensors(file: Path) -> Iterator:
+    """safe_open(file), raising ValueError naming the file for a truncated or corrupt one
+    (safetensors' own errors do not name it)."""
+    try:
+        with safe_open(file, "pt") as f:
+            yield f
+    except SafetensorError as e:
+        raise ValueError(f"{file}: not a readable safetensors file ({e}); it may be truncated or corrupt, "
+                         f"copy or download it again") from e
+
+
 class HybridPreTrainedModel(PreTrainedModel):
     """What the base models and the causal LMs share: config, strict loading, gradient
     checkpointing (one DecoderLayer at a time) and weight initialisation."""
@@ -98,7 +113,15 @@ class HybridPreTrainedModel(PreTrainedModel):
         the wrong shape is a ValueError naming each (transformers would only warn, or not name it)."""
         want_info = kwargs.pop("output_loading_info", False)
         allow_mismatch = kwargs.pop("ignore_mismatched_sizes", False)
-        model, info = super().from_pretrained(*args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+        try:
+            model, info = super().from_pretrained(*args, output_loading_info=True, ignore_mismatched_sizes=True,
+                                                  **kwargs)
+        except SafetensorError:  # safetensors does not say which file: find it and name it
+            source = args[0] if args else kwargs.get("pretrained_model_name_or_path", "")
+            for file in sorted(Path(source).glob("*.safetensors")):
+                with open_tensors(file):
+                    pass
+            raise
         problems = [f"missing: {name}" for name in sorted(info.get("missing_keys", ()))]
         problems += [f"unexpected: {name}" for name in sorted(info.get("unexpected_keys", ()))]
         if not allow_mismatch:

@@ -121,14 +121,16 @@ def release_dict(config: SambaYConfig) -> dict[str, Any]:
 
 class Phi4FlashConfig(SambaYConfig):
     """The release's config (model_type "phi4flash"): takes and writes its config.json fields,
-    holds ours. Missing fields take the released model's values."""
+    holds ours. Missing fields take the released model's values, but for the token ids."""
 
     model_type = "phi4flash"
     attribute_map = dict(RENAMED)  # config.layer_norm_eps reads and writes norm_eps
 
     def __init__(self, **fields: Any):
         ours, kept = read_release(fields)
-        super().__init__(**{**_PRESET, **ours}, phi4flash_fields=kept)
+        # the release's sizes fill what config.json leaves out; its token ids only where it says so
+        defaults = {k: v for k, v in _PRESET.items() if k not in TOKEN_IDS}
+        super().__init__(**{**defaults, **ours}, phi4flash_fields=kept)
 
     def __getattr__(self, name: str) -> Any:
         """The release's own fields (config.hidden_act, config.mb_per_layer, unknown ones) read as

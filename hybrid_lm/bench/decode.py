@@ -57,6 +57,7 @@ from typing import Callable, Iterator, NamedTuple, Optional, Union
 import torch
 
 import hybrid_lm
+from hybrid_lm.cli import non_negative_int, positive_int
 
 from . import vllm_engine
 from .kernels import add_arch_arguments, chosen_archs, device_name, device_slug, free_memory, progress
@@ -418,22 +419,6 @@ def meta(device: torch.device, dtype: torch.dtype, sweep: Sweep, archs: list, qu
 # ---------------------------------------------------------------------------------------------
 # the run
 # ---------------------------------------------------------------------------------------------
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
-    return value
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `hybrid-lm bench decode`; a value left out comes from the device's sweep."""

@@ -32,7 +32,9 @@ import torch
 
 
 from . import vllm_engine
-from .decode import positive_int, model_sizes
+from hybrid_lm.cli import positive_int
+
+from .decode import model_sizes
 from .kernels import add_arch_arguments, chosen_archs, device_name, device_slug, progress
 
 DEFAULT_ARCHS = ("transformer", "samba", "sambay", "lrt")

@@ -31,6 +31,7 @@ from typing import NamedTuple
 import torch
 
 import hybrid_lm
+from hybrid_lm.cli import positive_int
 from hybrid_lm.train.optim import build_optimizer
 from hybrid_lm.train.pretrain import batch_loss, flops_per_token, peak_flops
 
@@ -155,13 +156,13 @@ def plot(rows: list, vs: dict, title: str, path: Path) -> bool:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     gpu, cpu = SETUPS["gpu"], SETUPS["cpu"]
     add_arch_arguments(parser, DEFAULT_ARCHS, gpu.preset, cpu.preset)
-    parser.add_argument("--seq-len", type=int, default=None,
+    parser.add_argument("--seq-len", type=positive_int, default=None,
                         help=f"tokens per row (default: {gpu.seq_len} on a GPU, {cpu.seq_len} on a CPU)")
-    parser.add_argument("--batch", type=int, default=None,
+    parser.add_argument("--batch", type=positive_int, default=None,
                         help=f"rows per step (default: {gpu.batch} on a GPU, {cpu.batch} on a CPU)")
-    parser.add_argument("--steps", type=int, default=None,
+    parser.add_argument("--steps", type=positive_int, default=None,
                         help=f"timed steps (default: {gpu.steps} on a GPU, {cpu.steps} on a CPU)")
-    parser.add_argument("--vocab-size", type=int, default=None, help="vocabulary size (default: the preset's)")
+    parser.add_argument("--vocab-size", type=positive_int, default=None, help="vocabulary size (default: the preset's)")
     parser.add_argument("--quick", action="store_true",
                         help="the test setup: " + ", ".join(f"{k} {v}" for k, v in SETUPS["quick"]._asdict().items()))
 

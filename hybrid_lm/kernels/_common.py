@@ -2,7 +2,9 @@
 
 Every public op validates its arguments with `check` before anything reaches a kernel, so a
 bad call fails with a ValueError that names the argument, the expected and the received
-shape/dtype/device. Decode ops check metadata only (never tensor contents): no host syncs.
+shape/dtype/device. Tensor contents are checked for cu_seqlens only (`check_cu_seqlens`): on the
+host for CPU tensors, with a device-side assert for CUDA tensors and under torch.compile, so no
+op syncs with the host. Decode ops' state_indices are not checked (their values would need a sync).
 """
 from __future__ import annotations
 
@@ -81,13 +83,33 @@ def check(name: str, t, spec: Optional[Sequence] = None, dims: Optional[dict] = 
         raise ValueError(f"{name}: expected device {device}, got {t.device}")
 
 
-def check_cu_seqlens(cu_seqlens, batch: int, device: torch.device) -> None:
-    """cu_seqlens: int32 [N+1] on the inputs' device, used with batch size 1."""
+def same_dtype(ref: torch.Tensor, *also: torch.dtype) -> tuple[torch.dtype, ...]:
+    """`dtypes` for `check` where an argument must share `ref`'s dtype (or be one of `also`)."""
+    return tuple(dict.fromkeys((ref.dtype, *also)))
+
+
+def check_cu_seqlens(cu_seqlens, batch: int, T: int, device: torch.device) -> None:
+    """cu_seqlens: int32 [N+1] on the inputs' device, used with batch size 1, holding
+    non-decreasing offsets from 0 to T (empty sequences allowed).
+
+    Kernels index memory with these offsets, so bad ones would read out of bounds. CPU tensors
+    are checked on the host. A CUDA tensor's values would need a host sync to read, and
+    `.tolist()` would break a torch.compile graph, so there a device-side assert checks them.
+    """
     check("cu_seqlens", cu_seqlens, ("N+1",), {}, (torch.int32,), device)
     if cu_seqlens.numel() < 2:
         raise ValueError(f"cu_seqlens: expected shape [N+1] with N >= 1, got {list(cu_seqlens.shape)}")
     if batch != 1:
         raise ValueError(f"cu_seqlens: packed batches need batch size 1, got batch size {batch}")
+    expected = "cu_seqlens: expected non-decreasing offsets starting at 0 and ending at T"
+    if cu_seqlens.is_cuda or torch.compiler.is_compiling():
+        # the message is a constant of the graph under torch.compile, where T may be symbolic
+        ok = (cu_seqlens[0] == 0) & (cu_seqlens[-1] == T) & (cu_seqlens[1:] >= cu_seqlens[:-1]).all()
+        torch._assert_async(ok, expected)
+        return
+    offsets = cu_seqlens.tolist()
+    if offsets[0] != 0 or offsets[-1] != T or any(b < a for a, b in zip(offsets, offsets[1:])):
+        raise ValueError(f"{expected}={T}, got {offsets}")
 
 
 def check_activation(activation) -> None:

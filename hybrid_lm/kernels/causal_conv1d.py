@@ -43,7 +43,7 @@ import triton.language as tl
 
 from . import reference
 from ._common import (FLOAT_DTYPES, INDEX_DTYPES, check, check_activation, check_cu_seqlens, device_guard,
-                      new_output, use_triton)
+                      new_output, same_dtype, use_triton)
 
 MIN_WIDTH, MAX_WIDTH = 2, 8
 BLOCK_T = 64
@@ -441,7 +441,7 @@ def _(x, conv_state, weight, bias, state_indices, silu):
 
 def _check_weight(weight: torch.Tensor, x: torch.Tensor, dims: dict) -> int:
     """weight [D, W] in x's dtype or fp32 (fp32 master weights with half activations); returns W."""
-    check("weight", weight, ("D", "W"), dims, (x.dtype, torch.float32), x.device)
+    check("weight", weight, ("D", "W"), dims, same_dtype(x, torch.float32), x.device)
     width = weight.shape[1]
     if not MIN_WIDTH <= width <= MAX_WIDTH:
         raise ValueError(f"weight: expected width W in {MIN_WIDTH}..{MAX_WIDTH}, got shape {list(weight.shape)}")
@@ -454,15 +454,16 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
                   output_final_state: bool = False, cu_seqlens: Optional[torch.Tensor] = None):
     """Depthwise causal conv1d over time, differentiable in x, weight, bias and initial_state.
 
-    x: [B, T, D]. weight: [D, W], W in 2..8, x's dtype or fp32. bias: [D].
-    activation: None or "silu". initial_state: [N, D, W-1] (fp32 recommended): the W-1
-    inputs before t = 0, oldest first (zeros if None); N = B, or the number of sequences with
-    cu_seqlens (int32 [N+1] offsets into T of a packed batch, B = 1).
+    x: [B, T, D], any float dtype. weight: [D, W], W in 2..8, x's dtype or fp32. bias: [D], any
+    float dtype. activation: None or "silu". initial_state: [N, D, W-1], any float dtype (fp32
+    recommended): the W-1 inputs before t = 0, oldest first (zeros if None); N = B, or the number
+    of sequences with cu_seqlens (int32 [N+1] offsets into T of a packed batch, B = 1: starting
+    at 0, non-decreasing, ending at T; checked on the host for CPU tensors, by a device-side
+    assert for CUDA ones).
     y[t] = act(bias + sum_k weight[:, k] * x[t - W + 1 + k]), with x before t = 0 taken from the
-    initial state. cu_seqlens must start at 0, not decrease and end at T (not checked: that
-    would read the device tensor). Returns y [B, T, D], and with output_final_state also the final state
-    [N, D, W-1] fp32: the last W-1 inputs, oldest first (ending with the initial state's tail
-    when a sequence is shorter than W-1). Gradients flow through the final state too.
+    initial state. Returns y [B, T, D] in x's dtype, and with output_final_state also the final
+    state [N, D, W-1] fp32: the last W-1 inputs, oldest first (ending with the initial state's
+    tail when a sequence is shorter than W-1). Gradients flow through the final state too.
     """
     dims: dict = {}
     check("x", x, ("B", "T", "D"), dims, FLOAT_DTYPES)
@@ -470,7 +471,7 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     check("bias", bias, ("D",), dims, FLOAT_DTYPES, x.device, optional=True)
     check_activation(activation)
     if cu_seqlens is not None:
-        check_cu_seqlens(cu_seqlens, x.shape[0], x.device)
+        check_cu_seqlens(cu_seqlens, x.shape[0], x.shape[1], x.device)
     dims["N"] = _num_states(x, cu_seqlens)
     check("initial_state", initial_state, ("N", "D", "W-1"), dims, FLOAT_DTYPES, x.device, optional=True)
     if not isinstance(output_final_state, bool):
@@ -487,12 +488,12 @@ def causal_conv1d_update(x: torch.Tensor, conv_state: torch.Tensor, weight: torc
                          state_indices: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One decode step of causal_conv1d, updating conv_state in place; returns y [B, D].
 
-    x: [B, D]. conv_state: [S, D, W-1], any float dtype and strides, holding the last W-1 inputs
-    of each slot, oldest first; the slot is shifted left and x appended. weight: [D, W], W in
-    2..8. bias: [D]. activation: None or "silu". state_indices: [B] int32/int64, the slot of each
-    row (None: row b uses slot b, needs S >= B); a row with index -1 is padding: its output is
-    zeros and no slot changes. Indices are not read on the host (no sync, CUDA-graph safe), so
-    they must lie in [-1, S) and be distinct.
+    x: [B, D], any float dtype. conv_state: [S, D, W-1], any float dtype and strides, holding the
+    last W-1 inputs of each slot, oldest first; the slot is shifted left and x appended. weight:
+    [D, W], W in 2..8, x's dtype or fp32. bias: [D], any float dtype. activation: None or "silu".
+    state_indices: [B] int32/int64, the slot of each row (None: row b uses slot b, needs S >= B);
+    a row with index -1 is padding: its output is zeros and no slot changes. Indices are not read
+    on the host (no sync, CUDA-graph safe), so they must lie in [-1, S) and be distinct.
     """
     dims: dict = {}
     check("x", x, ("B", "D"), dims, FLOAT_DTYPES)

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._common import FLOAT_DTYPES, check, device_guard, new_output, use_triton
+from ._common import FLOAT_DTYPES, check, device_guard, new_output, same_dtype, use_triton
 
 BLOCK = 1024
 
@@ -87,9 +87,9 @@ torch.library.register_autograd("hybrid_lm::gmu_fwd", _backward, setup_context=_
 
 
 def gmu(gate: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-    """GMU gating `memory * silu(gate)`; both tensors of one shape, dtype and device."""
+    """GMU gating `memory * silu(gate)`: gate in any float dtype, memory of gate's shape, dtype and device."""
     check("gate", gate, dtypes=FLOAT_DTYPES)
-    check("memory", memory, tuple(gate.shape), dtypes=(gate.dtype,), device=gate.device)
+    check("memory", memory, tuple(gate.shape), dtypes=same_dtype(gate), device=gate.device)
     if not use_triton(memory):
         return reference.gmu(gate, memory)
     with device_guard(memory):

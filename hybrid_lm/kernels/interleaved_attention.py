@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._common import FLOAT_DTYPES, INDEX_DTYPES, check, device_guard, new_output, use_triton
+from ._common import FLOAT_DTYPES, INDEX_DTYPES, check, device_guard, new_output, same_dtype, use_triton
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
 MAX_HEAD_DIM = 256
@@ -316,15 +316,16 @@ def interleaved_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_p
                           window: Optional[int] = None, scale: Optional[float] = None) -> torch.Tensor:
     """Masked attention of queries at absolute positions `q_pos` over keys 0..T-1.
 
-    q [B,Tq,H,Dh], k and v [B,T,Hkv,Dh] with H divisible by Hkv, q_pos [Tq] int32/int64 in any
-    order. Query i sees key j iff j <= q_pos[i] and (window is None or q_pos[i] - j < window);
-    query head h reads KV head h // (H // Hkv); scale defaults to Dh ** -0.5. Returns o with q's
-    shape and dtype; a query that sees no key outputs zeros. Dh is at most 256.
+    q [B,Tq,H,Dh], any float dtype; k and v [B,T,Hkv,Dh] in q's dtype, with H divisible by Hkv;
+    q_pos [Tq] int32/int64 in any order. Query i sees key j iff j <= q_pos[i] and (window is None
+    or q_pos[i] - j < window); query head h reads KV head h // (H // Hkv); scale defaults to
+    Dh ** -0.5. Returns o with q's shape and dtype; a query that sees no key outputs zeros. Dh is
+    at most 256.
     """
     dims = {}
     check("q", q, ("B", "Tq", "H", "Dh"), dims, FLOAT_DTYPES)
-    check("k", k, ("B", "T", "Hkv", "Dh"), dims, (q.dtype,), q.device)
-    check("v", v, ("B", "T", "Hkv", "Dh"), dims, (q.dtype,), q.device)
+    check("k", k, ("B", "T", "Hkv", "Dh"), dims, same_dtype(q), q.device)
+    check("v", v, ("B", "T", "Hkv", "Dh"), dims, same_dtype(q), q.device)
     check("q_pos", q_pos, ("Tq",), dims, INDEX_DTYPES, q.device)
     if not 1 <= dims["Dh"] <= MAX_HEAD_DIM:
         raise ValueError(f"q: expected head dim Dh in [1, {MAX_HEAD_DIM}], got Dh={dims['Dh']}")

@@ -67,9 +67,9 @@ import triton.language as tl
 
 from . import reference
 from ._common import (FLOAT_DTYPES, INDEX_DTYPES, check, check_cu_seqlens, device_guard, new_output,
-                      use_triton)
+                      same_dtype, use_triton)
 
-STATE_DTYPES = (torch.float32, torch.float64)  # A and recurrent states are fp32 (DESIGN.md)
+STATE_DTYPES = (torch.float32, torch.float64)  # A and recurrent states are fp32 (DESIGN.md), or float64
 CHUNK = 64  # tokens per chunk: backward keeps one fp32 [Dm, N] state per chunk
 BLOCK_D = 64  # at most this many channels per program
 TILE = 2048  # at most this many state elements [BD, BN] per program
@@ -564,27 +564,28 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
                    cu_seqlens: Optional[torch.Tensor] = None):
     """Mamba-1 selective scan, differentiable in every tensor input and through the final state.
 
-    u, delta, z: [B, T, Dm]; A: [Dm, N] fp32; B, C: [B, T, N] (u's dtype); D, delta_bias: [Dm]
-    (u's dtype or fp32). dt = softplus(delta + delta_bias) if delta_softplus else delta + delta_bias;
-    h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t; y_t = <h_t, C_t> + D u_t, times silu(z_t) with z.
-    initial_state: [S, Dm, N] fp32, S = B or the number of packed sequences (zeros if None).
-    cu_seqlens: int32 [S+1] offsets of packed sequences (B = 1; cu_seqlens[-1] must equal T:
-    contents are not read on the host). Returns y [B, T, Dm], and with output_final_state also
-    the final state [S, Dm, N] fp32.
+    u, delta, z: [B, T, Dm], any float dtype each; A: [Dm, N] fp32 or float64; B, C: [B, T, N]
+    (u's dtype); D, delta_bias: [Dm] (u's dtype or fp32). dt = softplus(delta + delta_bias) if
+    delta_softplus else delta + delta_bias; h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t;
+    y_t = <h_t, C_t> + D u_t, times silu(z_t) with z. initial_state: [S, Dm, N] fp32 or float64,
+    S = B or the number of packed sequences (zeros if None). cu_seqlens: int32 [S+1] offsets of
+    packed sequences (B = 1): starting at 0, non-decreasing, ending at T (checked on the host for
+    CPU tensors, by a device-side assert for CUDA ones). Returns y [B, T, Dm] in u's dtype, and
+    with output_final_state also the final state [S, Dm, N] fp32.
     """
     dims: dict = {}
     check("u", u, ("batch", "T", "Dm"), dims, FLOAT_DTYPES)
     check("delta", delta, ("batch", "T", "Dm"), dims, FLOAT_DTYPES, u.device)
     check("A", A, ("Dm", "N"), dims, STATE_DTYPES, u.device)
-    check("B", B, ("batch", "T", "N"), dims, FLOAT_DTYPES, u.device)
-    check("C", C, ("batch", "T", "N"), dims, FLOAT_DTYPES, u.device)
-    check("D", D, ("Dm",), dims, FLOAT_DTYPES, u.device, optional=True)
+    check("B", B, ("batch", "T", "N"), dims, same_dtype(u), u.device)
+    check("C", C, ("batch", "T", "N"), dims, same_dtype(u), u.device)
+    check("D", D, ("Dm",), dims, same_dtype(u, torch.float32), u.device, optional=True)
     check("z", z, ("batch", "T", "Dm"), dims, FLOAT_DTYPES, u.device, optional=True)
-    check("delta_bias", delta_bias, ("Dm",), dims, FLOAT_DTYPES, u.device, optional=True)
+    check("delta_bias", delta_bias, ("Dm",), dims, same_dtype(u, torch.float32), u.device, optional=True)
     _check_flag("delta_softplus", delta_softplus)
     _check_flag("output_final_state", output_final_state)
     if cu_seqlens is not None:
-        check_cu_seqlens(cu_seqlens, u.shape[0], u.device)
+        check_cu_seqlens(cu_seqlens, u.shape[0], u.shape[1], u.device)
     dims["S"] = _num_seqs(u, cu_seqlens)
     check("initial_state", initial_state, ("S", "Dm", "N"), dims, STATE_DTYPES, u.device, optional=True)
     if not use_triton(u):
@@ -603,10 +604,10 @@ def selective_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tenso
     """One decode step of selective_scan, updating state in place; returns y [B, Dm].
 
     state: [S, Dm, N], any float dtype and strides (math in fp32). x, dt, z: [B, Dm]; A: [Dm, N]
-    fp32; B, C: [B, N]; D, dt_bias: [Dm]. state_indices: [B] int32/int64, the slot of each row
-    (None: row b uses slot b, needs S >= B); a row with index -1 is padding: its output is zeros
-    and no slot changes. Indices are not read on the host (no sync, CUDA-graph safe), so they
-    must lie in [-1, S) and be distinct.
+    fp32 or float64; B, C: [B, N]; D, dt_bias: [Dm]; any float dtype for all but A. state_indices:
+    [B] int32/int64, the slot of each row (None: row b uses slot b, needs S >= B); a row with
+    index -1 is padding: its output is zeros and no slot changes. Indices are not read on the host
+    (no sync, CUDA-graph safe), so they must lie in [-1, S) and be distinct.
     """
     dims: dict = {}
     check("state", state, ("S", "Dm", "N"), dims, FLOAT_DTYPES)

@@ -10,7 +10,15 @@ Train/validation split: one document in VAL_EVERY (about 2 %) is held out, chose
 its key, so the split is deterministic, needs no pass over the data and never moves a document
 when others are added. The key is the file's path relative to the stdlib for the embedded corpus
 (a split by file) and the document's text elsewhere (duplicates land on the same side). A Hub
-dataset that has its own validation split uses it instead.
+dataset that has its own validation split uses it instead. A local source whose documents all
+land on one side (one .txt file is one document) is split into paragraphs (at blank lines)
+instead, or into lines if its paragraphs too land on one side; if its lines still do, it is
+refused as too small. A source with documents on both sides is never split up, so its split
+never moves, and both calls (train and val) read the same text, so they split it the same way.
+
+Local files are UTF-8 text: a file with a NUL byte is binary and refused; invalid UTF-8 bytes are
+replaced by U+FFFD with a warning naming the file, unless they are more than MAX_INVALID_FRACTION
+of its bytes (and more than MAX_INVALID_BYTES): then it is not UTF-8 text and refused.
 
 `PackedRows` turns documents into fixed-length training rows with the document boundaries
 recorded as cu_seqlens, so Mamba layers restart their state and attention stays within a
@@ -23,7 +31,9 @@ import itertools
 import json
 import math
 import os
+import re
 import sysconfig
+import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -40,6 +50,10 @@ HUB_TIMEOUT_S = 10.0  # the Hub libraries retry for ~25 s when offline; we probe
 # (test/ alone is ~80 MB of mostly data-like test cases; idlelib keeps its tests in idle_test/).
 EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test"})
 SUFFIXES = (".txt", ".jsonl", ".parquet")
+# A few stray invalid bytes are replaced; more than this fraction of a file's bytes (and more than
+# MAX_INVALID_BYTES, so a short file may hold a few) means it is in another encoding, or binary.
+MAX_INVALID_FRACTION = 0.01
+MAX_INVALID_BYTES = 8
 
 
 def _stdlib_root() -> Path:
@@ -71,28 +85,30 @@ def load_documents(data: str | None, split: str) -> list[str] | Iterable[str]:
     """The `split` ("train" or "val") documents of `data`: None for the embedded stdlib corpus, a
     local path, or a `datasets` name "name[:config]". Local sources come back as a list (a .txt
     file is one document; .jsonl lines and .parquet rows give their "text" field/column); a Hub
-    dataset comes back as a re-iterable stream. Files are read as UTF-8 with errors replaced.
-    Raises FileNotFoundError for a missing path, ValueError for an unknown dataset or an empty
-    split, ConnectionError when the Hub does not answer within HUB_TIMEOUT_S."""
+    dataset comes back as a re-iterable stream.
+
+    A local source whose documents all fall on one side of the hash split (say one .txt file) is
+    split into paragraphs (at blank lines), else into lines, the first that puts text on both
+    sides; one where even its lines do not (a one-line file) raises ValueError. Files are read as
+    UTF-8: a file with a NUL byte, or with more invalid bytes than a few stray ones (see
+    MAX_INVALID_FRACTION), raises ValueError naming it; stray ones are replaced, with a warning.
+    Raises FileNotFoundError for a missing path, ValueError for an unknown dataset, an unreadable
+    file or an empty split, ConnectionError when the Hub does not answer within HUB_TIMEOUT_S."""
     if split not in ("train", "val"):
         raise ValueError(f"split: expected 'train' or 'val', got {split!r}")
     want_val = split == "val"
     if data is None:
         root = _stdlib_root()
-        return [_read_txt(p)[0] for p in stdlib_files() if _held_out(p.relative_to(root).as_posix()) == want_val]
+        return [_read_text(p) for p in stdlib_files() if _held_out(p.relative_to(root).as_posix()) == want_val]
     path = Path(data).expanduser()
     if path.exists():
-        docs = [doc for f in _data_files(path) for doc in _READERS[f.suffix](f) if _held_out(doc) == want_val]
-        if not docs:
-            raise ValueError(f"{data}: no documents in the {split!r} split (one document in {VAL_EVERY}, "
-                             f"chosen by a hash of its text, is held out for validation)")
-        return docs
-    if _looks_like_path(data):
+        return _local_documents(path, want_val)
+    if looks_like_path(data):
         raise FileNotFoundError(f"data path {data!r} does not exist")
     return _hub_documents(data, want_val)
 
 
-def _looks_like_path(name: str) -> bool:
+def looks_like_path(name: str) -> bool:
     # Hub names are "repo" or "owner/repo"; anything else that does not exist is a missing path.
     return name.startswith(("/", ".", "~")) or name.count("/") > 1 or Path(name).suffix in SUFFIXES
 
@@ -108,19 +124,71 @@ def _data_files(path: Path) -> list[Path]:
     return files
 
 
+def _local_documents(path: Path, want_val: bool) -> list[str]:
+    """One side of the hash split of a local source's documents, or of its paragraphs or lines
+    when all its documents fall on one side (module docstring)."""
+    docs = [doc for f in _data_files(path) for doc in _READERS[f.suffix](f)]
+    for split_up in (None, _paragraphs, _lines):
+        pieces = docs if split_up is None else [p for doc in docs for p in split_up(doc)]
+        held = [_held_out(p) for p in pieces]
+        if any(held) and not all(held):
+            return [p for p, h in zip(pieces, held) if h == want_val]
+    raise ValueError(f"{path}: too little text for a train and a validation split: it holds {len(docs)} "
+                     f"document(s) of {len(pieces)} non-blank line(s), and one in {VAL_EVERY}, chosen by a hash "
+                     f"of its text, is held out for validation (by document, else paragraph, else line), which "
+                     f"leaves the {'train' if any(held) else 'val'} split empty; give more text (a few hundred "
+                     f"lines) or more files")
+
+
+_BLANK_LINES = re.compile(r"\n(?:[ \t\r\f\v]*\n)+")  # a line break, then blank lines: a paragraph break
+
+
+def _paragraphs(text: str) -> list[str]:
+    return [p.strip("\r\n") for p in _BLANK_LINES.split(text) if p.strip()]
+
+
+def _lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text; binary or not-UTF-8 raises ValueError, stray bytes are replaced
+    with a warning (MAX_INVALID_FRACTION)."""
+    raw = path.read_bytes()
+    if b"\0" in raw:
+        raise ValueError(f"{path}: a binary file, not text (NUL byte at offset {raw.index(0)}); "
+                         f"remove it from the data or give its text as a UTF-8 file")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        first = e.start
+    text = raw.decode("utf-8", errors="replace")
+    invalid = text.count("\ufffd") - raw.count("\ufffd".encode())  # U+FFFD the file itself holds is text
+    if invalid > max(MAX_INVALID_BYTES, MAX_INVALID_FRACTION * len(raw)):
+        raise ValueError(f"{path}: not UTF-8 text ({invalid} invalid sequences in {len(raw)} bytes, the first at "
+                         f"byte {first}); convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)")
+    warnings.warn(f"{path}: {invalid} invalid UTF-8 sequence(s), the first at byte {first}, "
+                  f"replaced by U+FFFD")
+    return text
+
+
 def _read_txt(path: Path) -> list[str]:
-    return [path.read_text(encoding="utf-8", errors="replace")]
+    return [_read_text(path)]
 
 
 def _read_jsonl(path: Path) -> list[str]:
     docs = []
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for line_no, line in enumerate(f, 1):
-            if line.strip():
+    # split at "\n" only, as a file iterator does: str.splitlines would also split at U+2028 and other
+    # line separators, which JSON allows unescaped inside strings
+    for line_no, line in enumerate(_read_text(path).split("\n"), 1):
+        if line.strip():
+            try:
                 row = json.loads(line)
-                if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                    raise ValueError(f"{path}:{line_no}: expected a JSON object with a string 'text' field")
-                docs.append(row["text"])
+            except json.JSONDecodeError as e:  # its lineno counts within the line: report the file's
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg} at column {e.colno})") from e
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise ValueError(f"{path}:{line_no}: expected a JSON object with a string 'text' field")
+            docs.append(row["text"])
     return docs
 
 
@@ -219,7 +287,7 @@ def load_tokenizer(path_or_name: str) -> PreTrainedTokenizerFast:
     path = Path(path_or_name).expanduser()
     if path.exists():
         source = str(path)
-    elif _looks_like_path(path_or_name):
+    elif looks_like_path(path_or_name):
         raise FileNotFoundError(f"tokenizer path {path_or_name!r} does not exist")
     else:
         source = path_or_name

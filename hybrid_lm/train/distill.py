@@ -17,8 +17,8 @@ learns from a teacher causal LM (any AutoModelForCausalLM directory, ours includ
 Teacher and student must share the vocabulary: a different vocab_size (or tokenizer) is a
 ValueError. Loss terms are computed in chunks of tokens (--chunk-tokens), each chunk recomputed
 in the backward pass, so fp32 copies of the [tokens, vocab] logits are bounded by one chunk.
-The output directory is pretrain's: an HF model directory, trainer_state.pt (resumable with
---resume), metrics.jsonl (validation rows add val_loss, val_bpb and val_kl, the student's mean
+The output directory is pretrain's: atomic checkpoints (resumable with --resume) with the latest
+linked at the top as an HF model directory, metrics.jsonl (validation rows add val_loss, val_bpb and val_kl, the student's mean
 KL(teacher || student) at temperature 1 on held-out rows) and loss.png.
 """
 from __future__ import annotations
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from hybrid_lm.archs.config import ARCHS
+from hybrid_lm.cli import module_main, non_negative_float, positive_float, positive_int, unit_float
 
 from . import data, optim, pretrain
 
@@ -442,19 +443,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "--arch/--preset model)")
     parser.add_argument("--mode", default="logits", choices=("logits", "topk", "sequence"))
     parser.add_argument("--kind", default="kl", choices=("kl", "jsd"), help="online KD divergence")
-    parser.add_argument("--beta", type=float, default=0.5, help="generalized JSD mixture weight")
-    parser.add_argument("--kd-weight", type=float, default=0.9, help="alpha: loss = alpha KD + (1 - alpha) CE")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--topk", type=int, default=64, help="teacher log-probs kept per token (--mode topk)")
+    parser.add_argument("--beta", type=unit_float, default=0.5, help="generalized JSD mixture weight")
+    parser.add_argument("--kd-weight", type=unit_float, default=0.9, help="alpha: loss = alpha KD + (1 - alpha) CE")
+    parser.add_argument("--temperature", type=positive_float, default=1.0)
+    parser.add_argument("--topk", type=positive_int, default=64, help="teacher log-probs kept per token (--mode topk)")
     parser.add_argument("--cache", default=None, help="top-k cache folder (default: OUT/topk_cache)")
-    parser.add_argument("--cache-rows", type=int, default=1024, help="training rows cached (--mode topk)")
-    parser.add_argument("--chunk-tokens", type=int, default=1024, help="tokens per chunk of the loss computation")
+    parser.add_argument("--cache-rows", type=positive_int, default=1024, help="training rows cached (--mode topk)")
+    parser.add_argument("--chunk-tokens", type=positive_int, default=1024, help="tokens per chunk of the loss computation")
     parser.add_argument("--prompts", default=None, help="text file (one prompt a line) or jsonl with 'prompt' "
                         "(--mode sequence; default: the starts of training documents)")
-    parser.add_argument("--num-prompts", type=int, default=256)
-    parser.add_argument("--prompt-tokens", type=int, default=32)
-    parser.add_argument("--gen-tokens", type=int, default=64)
-    parser.add_argument("--gen-temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--num-prompts", type=positive_int, default=256)
+    parser.add_argument("--prompt-tokens", type=positive_int, default=32)
+    parser.add_argument("--gen-tokens", type=positive_int, default=64)
+    parser.add_argument("--gen-temperature", type=non_negative_float, default=0.0, help="0: greedy")
 
 
 def build_student(args, tokenizer, device: torch.device):
@@ -491,24 +492,25 @@ def step_loss(args, net, teacher, batch, device: torch.device) -> torch.Tensor:
 
 
 def run(args: argparse.Namespace) -> int:
-    rank, world, device, out, main_rank, train_docs, val_docs = pretrain.start_run(args)
+    if not Path(args.teacher).expanduser().exists() and data.looks_like_path(args.teacher):
+        raise FileNotFoundError(f"--teacher {args.teacher!r}: no such folder")
+    rank, world, device, out, resume_from, main_rank, train_docs, val_docs = pretrain.start_run(args)
     teacher_dir = Path(args.teacher)
     teacher_tokenizer = data.load_tokenizer(args.teacher) if (teacher_dir / "tokenizer_config.json").is_file() else None
-    if args.resume:
-        tokenizer = data.load_tokenizer(out)
+    if resume_from is not None:
+        tokenizer = data.load_tokenizer(str(resume_from))
     elif args.tokenizer:
         tokenizer = data.load_tokenizer(args.tokenizer)
     elif teacher_tokenizer is not None:
         tokenizer = teacher_tokenizer
     else:
-        raise ValueError("--tokenizer: the teacher folder has no tokenizer; give the teacher's tokenizer")
+        raise ValueError(f"--tokenizer: the teacher folder {args.teacher} has no tokenizer (no tokenizer_config.json); "
+                         "give the teacher's tokenizer")
     teacher = load_teacher(args.teacher, device, torch.bfloat16 if device.type == "cuda" else None)
 
     model = build_student(args, tokenizer, device)
     check_vocab(teacher, model, tokenizer, teacher_tokenizer)
-    state = pretrain.load_state(out, model.config.arch) if args.resume else None
-    if state is not None:
-        model.load_state_dict(type(model).from_pretrained(out).state_dict())
+    state = pretrain.resume_model(model, resume_from)
     model.train()
     net = pretrain.wrap(model, world, args.fsdp, device)
     optimizer = optim.build_optimizer(net, args.optimizer, args.lr)
@@ -548,9 +550,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[list] = None) -> int:
-    parser = argparse.ArgumentParser(prog="hybrid-lm distill", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return module_main(["distill"], argv)
 
 
 if __name__ == "__main__":

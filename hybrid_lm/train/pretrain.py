@@ -5,12 +5,14 @@ source) with a byte-level BPE trained on it, shows a falling loss within minutes
 prints a short sample. Rows are packed documents (cu_seqlens: Mamba restarts and attention stays
 inside a document); LRT trains one row per sequence with its interleaved passes.
 
-Output (--out): an HF model directory (config.json, model.safetensors, tokenizer files) that
-AutoModelForCausalLM loads, trainer_state.pt (optimizer, data position, RNG, step; written to a
-temp file then renamed, so a run killed at any moment resumes from its last checkpoint),
-metrics.jsonl (one row per logged step: step, loss (the mean since the previous row), lr,
-tokens_per_s, mfu; validation rows add val_loss and val_bpb) and loss.png. Under torchrun every
-rank trains (DDP, or FSDP2 with --fsdp; gloo on CPU, nccl on GPU) and only rank 0 writes.
+Output (--out, which must be new or empty unless --resume or --overwrite): checkpoints/step-N/
+folders, each a whole HF model directory (weights, config, tokenizer) with its trainer state
+(optimizer, data position, RNG, step), switched in atomically, so a run killed at any moment
+resumes from its last checkpoint (see hybrid_lm.train.checkpoint); links at the top of --out to
+the latest one, so AutoModelForCausalLM.from_pretrained(out) and vLLM load it; metrics.jsonl (one
+row per logged step: step, loss (the mean since the previous row), lr, tokens_per_s, mfu;
+validation rows add val_loss and val_bpb) and loss.png. Under torchrun every rank trains (DDP,
+or FSDP2 with --fsdp; gloo on CPU, nccl on GPU) and only rank 0 writes.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -32,10 +35,10 @@ from torch.distributed.tensor import DTensor
 
 import hybrid_lm
 from hybrid_lm.archs.config import ARCHS, PRESETS
+from hybrid_lm.cli import module_main, non_negative_int, positive_float, positive_int
 
-from . import data, optim
+from . import checkpoint, data, optim
 
-STATE_FILE = "trainer_state.pt"
 # peak dense bf16 FLOP/s of the GPUs we know, for MFU (None elsewhere: no meaningful peak)
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -176,20 +179,22 @@ def full_states(model, optimizer) -> tuple[Optional[dict], dict]:
     return weights, opt
 
 
-def save(out: Path, model, tokenizer, optimizer, rows_iter, step: int, metrics_rows: int, main_rank: bool) -> None:
-    """The HF model directory, then trainer state written atomically (temp file + rename); every
+def save(out: Path, model, tokenizer, optimizer, rows_iter, step: int, metrics_rows: int, main_rank: bool,
+         keep: int) -> None:
+    """Checkpoint `step` (weights, config, tokenizer, trainer state), whole or not at all; every
     rank calls it (FSDP2 gathers), only the main rank writes."""
     weights, opt_state = full_states(model, optimizer)
     if not main_rank:
         return
     model = unwrap(model)
-    model.save_pretrained(out, state_dict=weights)
-    tokenizer.save_pretrained(out)
-    state = {"step": step, "optimizer": opt_state, "data": rows_iter.state_dict(),
-             "rng": torch.get_rng_state(), "metrics_rows": metrics_rows, "arch": model.config.arch}
-    tmp = out / (STATE_FILE + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, out / STATE_FILE)
+
+    def write_files(folder: Path) -> None:
+        model.save_pretrained(folder, state_dict=weights)
+        tokenizer.save_pretrained(folder)
+
+    state = {"optimizer": opt_state, "data": rows_iter.state_dict(), "rng": torch.get_rng_state(),
+             "metrics_rows": metrics_rows, "arch": model.config.arch}
+    checkpoint.save(out, step, write_files, state, keep)
 
 
 def load_optimizer(model, optimizer, state: dict) -> None:
@@ -200,21 +205,6 @@ def load_optimizer(model, optimizer, state: dict) -> None:
     options = StateDictOptions(full_state_dict=True)
     for name, o in optimizer.optimizers.items():
         set_optimizer_state_dict(model, o, state[name], options=options)
-
-
-def load_state(out: Path, arch: str) -> dict:
-    """Trainer state of a checkpoint, refused with a clear error when missing, corrupt or made
-    for another architecture."""
-    path = out / STATE_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"--resume: no {STATE_FILE} in {out} (not a hybrid-lm training checkpoint)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, garbage, or not a torch file
-        raise ValueError(f"--resume: {path} is corrupt or not a trainer state: {e}") from e
-    if state.get("arch") != arch:
-        raise ValueError(f"--resume: {path} was written for arch {state.get('arch')!r}, not {arch!r}")
-    return state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,57 +218,97 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: the embedded standard-library corpus)")
     parser.add_argument("--tokenizer", default=None, help="HF tokenizer path or name (default: train a "
                         "byte-level BPE of --vocab-size on the training data)")
-    parser.add_argument("--vocab-size", type=int, default=4096)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=8, help="rows per step per process")
-    parser.add_argument("--grad-accum", type=int, default=1)
-    parser.add_argument("--mix-rows", type=int, default=8192, help="rows are drawn from permuted blocks of this "
-                        "many stream rows, so a batch mixes documents (0: stream order)")
-    parser.add_argument("--max-steps", type=int, default=200)
-    parser.add_argument("--stop-at", type=int, default=None, help="stop after this step (the schedule still "
-                        "spans --max-steps): a time-boxed job, resumed later with --resume")
-    parser.add_argument("--tokens", type=int, default=None, help="train on this many tokens (overrides --max-steps)")
-    parser.add_argument("--lr", type=float, default=1.0, help="multiplier of the optimizer's base learning rates")
+    parser.add_argument("--vocab-size", type=positive_int, default=4096)
+    parser.add_argument("--seq-len", type=positive_int, default=128)
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="rows per step per process")
+    parser.add_argument("--grad-accum", type=positive_int, default=1)
+    parser.add_argument("--mix-rows", type=non_negative_int, default=8192, help="rows are drawn from permuted "
+                        "blocks of this many stream rows, so a batch mixes documents (0: stream order)")
+    parser.add_argument("--max-steps", type=positive_int, default=200)
+    parser.add_argument("--stop-at", type=positive_int, default=None, help="stop after this step (the schedule "
+                        "still spans --max-steps): a time-boxed job, resumed later with --resume")
+    parser.add_argument("--tokens", type=positive_int, default=None, help="train on this many tokens (overrides "
+                        "--max-steps)")
+    parser.add_argument("--lr", type=positive_float, default=1.0, help="multiplier of the optimizer's base "
+                        "learning rates")
     parser.add_argument("--optimizer", default="muon", choices=("muon", "adamw"))
-    parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--lrt-subsets", type=int, default=2)
+    parser.add_argument("--warmup", type=non_negative_int, default=20)
+    parser.add_argument("--lrt-subsets", type=positive_int, default=2)
     parser.add_argument("--fsdp", action="store_true", help="FSDP2 instead of DDP under torchrun")
-    parser.add_argument("--out", default="runs/pretrain")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    parser.add_argument("--eval-every", type=int, default=50)
-    parser.add_argument("--eval-batches", type=int, default=8, help="validation batches per evaluation")
-    parser.add_argument("--save-every", type=int, default=100)
-    parser.add_argument("--log-every", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sample", type=int, default=64, help="tokens of the sample printed at the end (0: none)")
+    add_output_arguments(parser, "runs/pretrain")
+    parser.add_argument("--eval-every", type=positive_int, default=50)
+    parser.add_argument("--eval-batches", type=positive_int, default=8, help="validation batches per evaluation")
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--sample", type=non_negative_int, default=64, help="tokens of the sample printed at the "
+                        "end (0: none)")
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
+    """--out and what every command built on train_loop shares: resume or overwrite, checkpoints, logging."""
+    parser.add_argument("--out", default=default_out, help="output folder: must be new or empty, unless --resume "
+                        "or --overwrite")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="delete the run in --out and start a new one")
+    parser.add_argument("--save-every", type=positive_int, default=100, help="steps between checkpoints")
+    parser.add_argument("--keep-checkpoints", type=positive_int, default=2, help="the newest checkpoints kept")
+    parser.add_argument("--log-every", type=positive_int, default=10)
+
+
+def open_output(args: argparse.Namespace, main_rank: bool, world: int) -> tuple[Path, Optional[Path]]:
+    """(out folder, checkpoint to resume from or None). A new run needs --out new or empty, or
+    --overwrite; a resumed one its latest checkpoint. The main rank cleans what a kill left."""
+    out = Path(args.out)
+    if main_rank:
+        checkpoint.claim_output(out, args.resume, args.overwrite)
+        out.mkdir(parents=True, exist_ok=True)
+        checkpoint.clean(out)
+    barrier(world)
+    return out, checkpoint.latest(out) if args.resume else None
 
 
 def start_run(args: argparse.Namespace):
-    """What every training command begins with: (rank, world, device, out folder, main rank?,
-    train documents, validation documents); seeds torch and makes the out folder on rank 0."""
+    """What every training command begins with: (rank, world, device, out folder, checkpoint to
+    resume or None, main rank?, train documents, validation documents); seeds torch."""
     rank, world, device = setup_distributed()
-    out = Path(args.out)
+    out, resume_from = open_output(args, rank == 0, world)
     torch.manual_seed(args.seed)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    return (rank, world, device, out, rank == 0,
+    return (rank, world, device, out, resume_from, rank == 0,
             data.load_documents(args.data, "train"), data.load_documents(args.data, "val"))
 
 
+def new_tokenizer(documents, vocab_size: int, world: int):
+    """A byte-level BPE trained on the documents by rank 0 and sent to the others, so every rank
+    has the same one (it is saved with each checkpoint). Saved and reloaded, as a resume sees it."""
+    tokenizer = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        with tempfile.TemporaryDirectory() as folder:
+            data.train_tokenizer(documents, vocab_size).save_pretrained(folder)
+            tokenizer = data.load_tokenizer(folder)
+    if world > 1:
+        shared = [tokenizer]
+        dist.broadcast_object_list(shared, src=0)
+        tokenizer = shared[0]
+    return tokenizer
+
+
+def resume_model(model, resume_from: Optional[Path]) -> Optional[dict]:
+    """Load the checkpoint's weights into `model` and return its trainer state (None: a new run)."""
+    if resume_from is None:
+        return None
+    state = checkpoint.load_state(resume_from, model.config.arch)
+    model.load_state_dict(type(model).from_pretrained(resume_from).state_dict())
+    return state
+
+
 def run(args: argparse.Namespace) -> int:
-    rank, world, device, out, main_rank, train_docs, val_docs = start_run(args)
-    if args.resume or args.tokenizer:
-        tokenizer = data.load_tokenizer(out if args.resume else args.tokenizer)
+    rank, world, device, out, resume_from, main_rank, train_docs, val_docs = start_run(args)
+    if resume_from is not None or args.tokenizer:
+        tokenizer = data.load_tokenizer(str(resume_from or args.tokenizer))
     else:
-        if main_rank:  # one rank trains it, the others read it back: identical everywhere
-            data.train_tokenizer(train_docs, args.vocab_size).save_pretrained(out)
-        barrier(world)
-        tokenizer = data.load_tokenizer(out)
+        tokenizer = new_tokenizer(train_docs, args.vocab_size, world)
 
     model = build_model(args, tokenizer, device)
-    state = load_state(out, model.config.arch) if args.resume else None
-    if state is not None:
-        model.load_state_dict(type(model).from_pretrained(out).state_dict())
+    state = resume_model(model, resume_from)
     model.train()
     net = wrap(model, world, args.fsdp, device)
     optimizer = optim.build_optimizer(net, args.optimizer, args.lr)
@@ -328,7 +358,9 @@ def train_loop(args, net, optimizer, rows_iter, tokenizer, out: Path, state: Opt
     metrics_path = out / "metrics.jsonl"
     if main_rank:  # a resumed run keeps the rows up to its checkpoint, dropping any logged after it
         kept = metrics_path.read_text().splitlines()[:metrics_rows] if state is not None and metrics_path.exists() else []
-        metrics_path.write_text("".join(line + "\n" for line in kept))
+        tmp = metrics_path.with_name(metrics_path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, metrics_path)  # a kill here keeps the old rows, never half of them
     stop = total if args.stop_at is None else min(total, args.stop_at)
     bar = progress(range(start, stop), main_rank, initial=start, total=total)
     clock, logged = time.perf_counter(), start
@@ -369,7 +401,7 @@ def train_loop(args, net, optimizer, rows_iter, tokenizer, out: Path, state: Opt
             clock, logged = time.perf_counter(), done  # evaluation time is not training time
             interval_loss.zero_()
         if done % args.save_every == 0 or done == stop:
-            save(out, net, tokenizer, optimizer, rows_iter, done, metrics_rows, main_rank)
+            save(out, net, tokenizer, optimizer, rows_iter, done, metrics_rows, main_rank, args.keep_checkpoints)
             barrier(world)
     if main_rank:
         plot_loss(metrics_path, out / "loss.png")
@@ -439,9 +471,7 @@ def sample(model, tokenizer, device: torch.device, n: int) -> str:
 
 
 def main(argv: Optional[list] = None) -> int:
-    parser = argparse.ArgumentParser(prog="hybrid-lm pretrain", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return module_main(["pretrain"], argv)
 
 
 if __name__ == "__main__":

@@ -59,15 +59,23 @@ def test_sft_lowers_the_action_loss_and_eval_runs_in_vllm(setup):
     assert all(s["action"] is not None for ep in episodes for s in ep["steps"])
 
 
-def test_sft_refuses_bad_demos(tmp_path, setup):
+def test_sft_refuses_bad_demos(tmp_path, setup, capsys):
     root, _ = setup
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"task": "click-button"}\n')
-    with pytest.raises(ValueError, match="line 1 is not a demonstration"):
-        main(["agent", "sft", "--policy", str(root / "policy"), "--demos", str(bad), "--out", str(tmp_path / "o")])
-    with pytest.raises(FileNotFoundError, match="no file"):
-        main(["agent", "sft", "--policy", str(root / "policy"), "--demos", str(tmp_path / "none.jsonl"),
-              "--out", str(tmp_path / "o")])
+    assert main(["agent", "sft", "--policy", str(root / "policy"), "--demos", str(bad), "--out", str(tmp_path / "o")]) == 1
+    assert "line 1 is not a demonstration" in capsys.readouterr().err
+    assert main(["agent", "sft", "--policy", str(root / "policy"), "--demos", str(tmp_path / "none.jsonl"),
+                 "--out", str(tmp_path / "o")]) == 1
+    assert "no file" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
+def test_demos_are_never_replaced_without_asking(setup, capsys):
+    root, _ = setup
+    before = (root / "demos.jsonl").read_text()
+    assert main(["agent", "demos", "--tasks", TASKS, "--episodes", "1", "--out", str(root / "demos.jsonl")]) == 1
+    assert "--overwrite" in capsys.readouterr().err and (root / "demos.jsonl").read_text() == before
 
 
 def test_action_rows_label_only_the_policy_tokens():

@@ -131,6 +131,6 @@ def test_rl_resume_continues_the_run(tiny_policy, tmp_path):
     assert state["global_step"] == 2 and [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2]
 
 
-def test_rl_refuses_a_missing_policy(tmp_path):
-    with pytest.raises(SystemExit, match="not a checkpoint folder"):
-        main(["agent", "rl", "--policy", str(tmp_path / "none"), "--out", str(tmp_path / "o")])
+def test_rl_refuses_a_missing_policy(tmp_path, capsys):
+    assert main(["agent", "rl", "--policy", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 1
+    assert "not a checkpoint folder" in capsys.readouterr().err

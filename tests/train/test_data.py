@@ -4,6 +4,7 @@ import itertools
 import json
 import math
 import time
+import warnings
 
 import pytest
 import torch
@@ -34,7 +35,9 @@ def test_stdlib_files_found_sorted_and_filtered():
 
 
 def test_embedded_split_is_a_deterministic_partition_by_file():
-    train, val = D.load_documents(None, "train"), D.load_documents(None, "val")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the stdlib is UTF-8 text: not one replaced byte to warn about
+        train, val = D.load_documents(None, "train"), D.load_documents(None, "val")
     texts = [f.read_text(encoding="utf-8", errors="replace") for f in D.stdlib_files()]
     # Every file lands on exactly one side (Counter: many __init__.py files share a text).
     assert collections.Counter(train) + collections.Counter(val) == collections.Counter(texts)
@@ -69,8 +72,28 @@ def test_local_txt_invalid_utf8_is_replaced(tmp_path):
     docs = [f"doc {i}".encode() + (b"\xff\xfe" if i == 0 else b"") for i in range(200)]
     for i, d in enumerate(docs):
         (tmp_path / f"{i:03d}.txt").write_bytes(d)
-    everything = D.load_documents(str(tmp_path), "train") + D.load_documents(str(tmp_path), "val")
+    with pytest.warns(UserWarning, match=r"000\.txt: 2 invalid UTF-8 sequence\(s\), the first at byte 5") as caught:
+        everything = D.load_documents(str(tmp_path), "train") + D.load_documents(str(tmp_path), "val")
     assert "doc 0\ufffd\ufffd" in everything
+    assert all("000.txt" in str(w.message) for w in caught)  # only the file with stray bytes
+
+
+def test_binary_or_non_utf8_files_are_refused_by_name(tmp_path):
+    for i in range(100):
+        (tmp_path / f"{i:03d}.txt").write_text(f"doc {i}")
+    (tmp_path / "image.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)))
+    with pytest.raises(ValueError, match=r"image\.txt: a binary file, not text \(NUL byte at offset 8\)"):
+        D.load_documents(str(tmp_path), "train")
+    (tmp_path / "image.txt").unlink()
+    latin1 = "d\u00e9j\u00e0 vu, caf\u00e9, na\u00efve, \u00e9t\u00e9\n" * 5  # 6 accented letters a line
+    (tmp_path / "latin1.txt").write_bytes(latin1.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.txt: not UTF-8 text \(30 invalid sequences in 130 bytes, "
+                                         r"the first at byte 1\)"):
+        D.load_documents(str(tmp_path), "val")
+    (tmp_path / "data.jsonl").write_bytes(b'{"text": "ok"}\n\x00\x00')
+    (tmp_path / "latin1.txt").unlink()
+    with pytest.raises(ValueError, match=r"data\.jsonl: a binary file"):
+        D.load_documents(str(tmp_path / "data.jsonl"), "train")
 
 
 def test_local_jsonl_file(tmp_path):
@@ -81,6 +104,42 @@ def test_local_jsonl_file(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"body": "no text"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: .*'text'"):
         D.load_documents(str(tmp_path / "bad.jsonl"), "train")
+
+
+def test_invalid_jsonl_line_names_the_file_and_line(tmp_path):
+    # the line number counts blank lines too; json's own counts lines within the string it was given
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n\n  {"text": "unterminated}\n{"text": "after"}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:3: not valid JSON \(Unterminated string .* column 12\)") as e:
+        D.load_documents(str(tmp_path / "bad.jsonl"), "train")
+    assert type(e.value) is ValueError and isinstance(e.value.__cause__, json.JSONDecodeError)
+
+
+def test_one_txt_file_is_split_into_paragraphs_or_lines(tmp_path):
+    """One .txt file is one document, on one side of the split: its paragraphs (or, with no blank
+    lines, its lines) are split instead, the same way by both calls."""
+    paragraphs = [f"paragraph {i}\n    indented line {i}" for i in range(300)]
+    separators = ["\n\n", "\n  \t\n\n", "\r\n\r\n"]
+    text = "\n\n" + "".join(p + separators[i % 3] for i, p in enumerate(paragraphs))
+    (tmp_path / "book.txt").write_text(text, newline="")
+    _check_partition(tmp_path / "book.txt", paragraphs)
+    lines = [f"line {i}" for i in range(300)]
+    (tmp_path / "lines.txt").write_text("\n".join(lines) + "\n")
+    _check_partition(tmp_path / "lines.txt", lines)
+    # documents on both sides are never split up: a folder of files splits by file, as before
+    (tmp_path / "book.txt").unlink()
+    (tmp_path / "lines.txt").write_text("\n\n".join(lines))
+    for i, p in enumerate(paragraphs):
+        (tmp_path / f"{i:03d}.txt").write_text(p)
+    _check_partition(tmp_path, paragraphs + ["\n\n".join(lines)])
+
+
+def test_too_little_text_is_refused_with_the_reason(tmp_path):
+    (tmp_path / "one.txt").write_text("a single line can only be on one side of the split")
+    for split in ("train", "val"):
+        with pytest.raises(ValueError, match=r"one\.txt: too little text .* it holds 1 document\(s\) of 1 "
+                                             r"non-blank line\(s\), and one in 50, chosen by a hash .* split empty; "
+                                             r"give more text .* or more files"):
+            D.load_documents(str(tmp_path / "one.txt"), split)
 
 
 def test_local_parquet_file(tmp_path):
@@ -105,15 +164,6 @@ def test_missing_or_unusable_paths(tmp_path):
     (tmp_path / "a.csv").write_text("text\nhello\n")
     with pytest.raises(ValueError, match="unsupported file type"):
         D.load_documents(str(tmp_path / "a.csv"), "train")
-    (tmp_path / "one.txt").write_text("a single document lands in one split only: the other is an error")
-    empty_splits = 0
-    for split in ("train", "val"):
-        try:
-            D.load_documents(str(tmp_path / "one.txt"), split)
-        except ValueError as e:
-            assert "no documents" in str(e)
-            empty_splits += 1
-    assert empty_splits == 1
     with pytest.raises(FileNotFoundError, match="does not exist"):
         D.load_tokenizer(str(tmp_path / "no_tokenizer_here"))
 

@@ -120,8 +120,9 @@ def val_kl(student_dir, root, tokenizer) -> float:
                                torch.device("cpu"), 4, 4)
 
 
-def run(*args) -> int:
-    return distill.main([*SMALL, *map(str, args)])
+def run(*args) -> None:
+    """`hybrid-lm distill`; --debug: an error raises, for pytest.raises."""
+    assert distill.main([*SMALL, *map(str, args), "--debug"]) == 0
 
 
 def test_online_distillation_lowers_kl(tmp_path, setup):

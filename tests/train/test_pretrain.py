@@ -79,7 +79,7 @@ def test_two_processes_equal_one(tmp_path, tokenizer_dir, sharding):
 
 
 def test_bad_checkpoints_are_refused(tmp_path, tokenizer_dir):
-    from hybrid_lm.train.pretrain import load_state
+    from hybrid_lm.train.checkpoint import load_state
 
     with pytest.raises(FileNotFoundError, match="trainer_state.pt"):
         load_state(tmp_path, "sambay")
