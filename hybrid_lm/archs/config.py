@@ -18,6 +18,7 @@ from transformers import PretrainedConfig
 ARCHS = ("transformer", "samba", "sambay", "sambay-da", "lrt")
 DEPTH_PRESETS = {f"d{d}": d for d in range(8, 25, 2)}
 PRESETS = ("tiny", *DEPTH_PRESETS, "phi4-mini-flash")
+TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 # sizes: each must be >= 1 (checked in this order, so a bad hidden_size is named before the
 # mamba_dt_rank derived from it)
 POSITIVE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -195,8 +196,8 @@ def _size_fields(arch: str, preset: str) -> dict:
 # Keywords transformers' PretrainedConfig takes besides its dataclass fields: the special token ids
 # (no longer declared fields in transformers 5, but generate reads them from the config) and the
 # ones its __post_init__ consumes
-TRANSFORMERS_KWARGS = frozenset({"bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "num_labels",
-                                 "name_or_path", "output_attentions", "attn_implementation", "experts_implementation"})
+TRANSFORMERS_KWARGS = frozenset({*TOKEN_IDS, "torch_dtype", "num_labels", "name_or_path", "output_attentions",
+                                 "attn_implementation", "experts_implementation"})
 # The Python types each part of a field's annotation admits (annotations are strings: postponed
 # evaluation); bool is an int subclass, so an int field refuses it unless "bool" is listed
 _TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "None": (type(None),)}
@@ -229,7 +230,7 @@ def config(arch: str, preset: str = "tiny", **overrides: Any) -> HybridConfig:
         _check_override(arch, name, value, annotations)
     fields = preset_fields(arch, preset)
     fields.update(overrides)
-    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):  # the release's ids, past a smaller vocabulary
+    for name in TOKEN_IDS:  # the release's ids, past a smaller vocabulary
         if name not in overrides and fields.get(name) is not None and fields[name] >= fields["vocab_size"]:
             del fields[name]
     cfg = CONFIG_CLASSES[arch](**fields)

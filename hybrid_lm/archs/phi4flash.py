@@ -24,7 +24,7 @@ import transformers
 from transformers import PretrainedConfig
 from transformers.generation import GenerationConfig
 
-from .config import SambaYConfig, preset_fields
+from .config import TOKEN_IDS, SambaYConfig, preset_fields
 from .samba import SambaYForCausalLM, SambaYModel
 
 logger = logging.getLogger(__name__)
@@ -47,7 +47,6 @@ REQUIRED_VALUES = ("mb_per_layer", "hidden_act")
 _PRESET = preset_fields("sambay-da", "phi4-mini-flash")
 FIXED = {k: _PRESET[k] for k in ("norm_type", "attention_bias", "qk_norm", "rope_theta", "residual_in_fp32",
                                   "differential_attention")}
-TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 # transformers' own keys: handled by PretrainedConfig, not by us
 _STANDARD = (set(PretrainedConfig().to_dict()) | set(GenerationConfig._get_default_generation_params())
              | {"torch_dtype", "name_or_path", "attn_implementation", "experts_implementation",

@@ -67,7 +67,7 @@ def claim_output(out: Path, resume: bool, overwrite: bool) -> None:
         raise FileExistsError(f"--out {out}: not a hybrid-lm run folder (none of {', '.join(RUN_MARKERS)}); "
                               "--overwrite only replaces runs: choose an empty or new folder")
     for path in out.iterdir():
-        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        _remove(path)
 
 
 def step_dir(out: Path, step: int) -> Path:
@@ -104,7 +104,7 @@ def clean(out: Path) -> None:
     current = _step(latest(out)) if has_checkpoint(out) else -1
     for path in root.iterdir():
         if path.name.endswith(".tmp"):
-            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            _remove(path)
         elif STEP_DIR.match(path.name) and _step(path) > current:
             shutil.rmtree(path)
 
@@ -198,6 +198,14 @@ def _prune(root: Path, keep: int) -> None:
     for path in steps[:-keep]:
         if path != current:
             shutil.rmtree(path)
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, a link (never what it points at) or a folder."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 def _step(path: Path) -> int:
