@@ -109,7 +109,7 @@ run_bench() {
 run_models() {
     echo "== model benchmarks =="
     local rc=0
-    timeout "$(left)" $PY -m hybrid_lm.bench.train --out "$OUT" 2>&1 | tee "$OUT/models-$slug.log" || rc=1
+    timeout "$(left)" $PY -m hybrid_lm.bench.train --out "$OUT" --timeout 240 2>&1 | tee "$OUT/models-$slug.log" || rc=1
     timeout "$(left)" $PY -m hybrid_lm.bench.decode --out "$OUT" --gen-len "${GEN_LEN:-8192}" 2>&1 |
         tee -a "$OUT/models-$slug.log" || rc=1
     if $PY -c "import vllm" 2>/dev/null; then  # no vllm on the lent machines unless carried there as wheels

@@ -472,16 +472,22 @@ def device_slug(device: Optional[torch.device] = None) -> str:
     return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
 
 
+def chosen(flag: str, requested: Optional[Sequence[str]], default: Sequence[str], known: Sequence[str]
+           ) -> Optional[list[str]]:
+    """A list option (space or comma separated) as a list, or None after naming the unknown ones."""
+    values = [v for arg in (requested or default) for v in arg.split(",") if v]
+    unknown = [v for v in values if v not in known]
+    if unknown:
+        print(f"{flag}: unknown {', '.join(unknown)}; choose from {', '.join(known)}", file=sys.stderr)
+        return None
+    return values
+
+
 def chosen_archs(requested: Optional[Sequence[str]], default: Sequence[str]) -> Optional[list[str]]:
     """--archs as a list (space or comma separated), or None after naming the unknown ones."""
     from hybrid_lm.archs import ARCHS
 
-    archs = [a for arg in (requested or default) for a in arg.split(",") if a]
-    unknown = [a for a in archs if a not in ARCHS]
-    if unknown:
-        print(f"--archs: unknown {', '.join(unknown)}; choose from {', '.join(ARCHS)}", file=sys.stderr)
-        return None
-    return archs
+    return chosen("--archs", requested, default, ARCHS)
 
 
 def add_arch_arguments(parser: argparse.ArgumentParser, archs: Sequence[str], gpu_preset: str,

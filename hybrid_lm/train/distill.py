@@ -510,9 +510,9 @@ def run(args: argparse.Namespace) -> int:
 
     model = build_student(args, tokenizer, device)
     check_vocab(teacher, model, tokenizer, teacher_tokenizer)
+    pretrain.plan_steps(args, model, world)
     state = pretrain.resume_model(model, resume_from)
-    model.train()
-    net = pretrain.wrap(model, world, args.fsdp, device)
+    net = pretrain.wrap(model, args, world, device)
     optimizer = optim.build_optimizer(net, args.optimizer, args.lr)
 
     if args.mode == "topk":

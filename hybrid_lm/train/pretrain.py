@@ -91,16 +91,46 @@ def build_model(args, tokenizer, device: torch.device):
     return hybrid_lm.build(cfg).to(device)
 
 
-def wrap(model: torch.nn.Module, world: int, fsdp: bool, device: torch.device) -> torch.nn.Module:
-    """DDP or FSDP2 under torchrun; the bare model in one process."""
-    if world == 1:
-        return model
-    if fsdp:
-        from torch.distributed.fsdp import fully_shard
-        for layer in model.model.layers:
-            fully_shard(layer)
-        return fully_shard(model)
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+def shard(model: torch.nn.Module, param_dtype: Optional[torch.dtype]) -> torch.nn.Module:
+    """FSDP2 over the model: one group per decoder layer, one for the rest. With param_dtype
+    (bf16 on CUDA) parameters are gathered and computed in it, gradients reduced in fp32 and the
+    sharded master weights stay fp32; the parameters the model keeps in fp32
+    (`_keep_in_fp32_modules_strict`: Mamba's A_log and D, differential attention's lambdas) get
+    groups of their own with an fp32 policy, so A = -exp(A_log) is never rounded to bf16."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    keep_fp32 = set(model._keep_in_fp32_modules_strict)
+    for layer in model.model.layers:
+        if param_dtype is not None:
+            for module in list(layer.modules()):
+                if keep_fp32 & {name for name, _ in module.named_parameters(recurse=False)}:
+                    # its submodules (projections, convolutions) in bf16 as one group; its own
+                    # parameters in fp32, its inputs left as they come
+                    if children := list(module.children()):
+                        fully_shard(children, mp_policy=policy)
+                    fully_shard(module, mp_policy=MixedPrecisionPolicy(cast_forward_inputs=False))
+        fully_shard(layer, mp_policy=policy)
+    return fully_shard(model, mp_policy=policy)
+
+
+def wrap(model: torch.nn.Module, args: argparse.Namespace, world: int, device: torch.device) -> torch.nn.Module:
+    """The model as it trains: in train mode, each decoder layer checkpointed with
+    --activation-checkpointing (transformers' gradient_checkpointing_enable), under torchrun in
+    DDP or FSDP2 (--fsdp, see `shard`: bf16 on CUDA; gloo on a CPU stays fp32), compiled in place
+    with --compile. One process: the model."""
+    model.train()
+    if args.activation_checkpointing:
+        model.gradient_checkpointing_enable()
+    net = model
+    if world > 1 and args.fsdp:
+        net = shard(model, torch.bfloat16 if device.type == "cuda" else None)
+    elif world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                        else None)
+    if args.compile:
+        model.compile()  # in place: parameter names, state dicts and checkpoints stay those of the model
+    return net
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,7 +251,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab-size", type=positive_int, default=4096)
     parser.add_argument("--seq-len", type=positive_int, default=128)
     parser.add_argument("--batch-size", type=positive_int, default=8, help="rows per step per process")
-    parser.add_argument("--grad-accum", type=positive_int, default=1)
+    parser.add_argument("--grad-accum", type=positive_int, default=None, help="micro-batches per step (default: "
+                        "1, or what --total-batch-tokens implies)")
+    parser.add_argument("--total-batch-tokens", type=positive_int, default=None, help="the global batch in tokens: "
+                        "gradient accumulation = this / (world size x --batch-size x --seq-len), which must divide")
     parser.add_argument("--mix-rows", type=non_negative_int, default=8192, help="rows are drawn from permuted "
                         "blocks of this many stream rows, so a batch mixes documents (0: stream order)")
     parser.add_argument("--max-steps", type=positive_int, default=200)
@@ -229,12 +262,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "still spans --max-steps): a time-boxed job, resumed later with --resume")
     parser.add_argument("--tokens", type=positive_int, default=None, help="train on this many tokens (overrides "
                         "--max-steps)")
+    parser.add_argument("--tokens-per-param", type=positive_float, default=None, help="train on this many tokens "
+                        "per model parameter (20: Chinchilla's budget; overrides --max-steps)")
     parser.add_argument("--lr", type=positive_float, default=1.0, help="multiplier of the optimizer's base "
                         "learning rates")
     parser.add_argument("--optimizer", default="muon", choices=("muon", "adamw"))
     parser.add_argument("--warmup", type=non_negative_int, default=20)
     parser.add_argument("--lrt-subsets", type=positive_int, default=2)
     parser.add_argument("--fsdp", action="store_true", help="FSDP2 instead of DDP under torchrun")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (our kernels trace as ops)")
+    parser.add_argument("--activation-checkpointing", action="store_true", help="recompute each decoder layer's "
+                        "activations in backward: less memory, about one more forward of compute")
     add_output_arguments(parser, "runs/pretrain")
     parser.add_argument("--eval-every", type=positive_int, default=50)
     parser.add_argument("--eval-batches", type=positive_int, default=8, help="validation batches per evaluation")
@@ -308,9 +346,9 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = new_tokenizer(train_docs, args.vocab_size, world)
 
     model = build_model(args, tokenizer, device)
+    plan_steps(args, model, world)
     state = resume_model(model, resume_from)
-    model.train()
-    net = wrap(model, world, args.fsdp, device)
+    net = wrap(model, args, world, device)
     optimizer = optim.build_optimizer(net, args.optimizer, args.lr)
     rows_iter = data.PackedRows(train_docs, tokenizer, args.seq_len, rank=rank, world_size=world, seed=args.seed,
                                 mix_rows=args.mix_rows)
@@ -337,6 +375,42 @@ def run(args: argparse.Namespace) -> int:
 def autocast(device: torch.device):
     """bf16 autocast on a GPU, nothing on a CPU."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def train_step(net, optimizer, loss_fn: Callable[[tuple], torch.Tensor], batches: list, device: torch.device
+               ) -> torch.Tensor:
+    """One optimizer step, the one every training command and `bench train` run: loss_fn of each
+    micro-batch under autocast, gradients accumulated over them (the loss is their mean), clipped
+    to norm 1, then the optimizer's step. Returns the step's loss, detached (no host sync)."""
+    total = torch.zeros((), device=device)
+    for batch in batches:
+        with autocast(device):
+            loss = loss_fn(batch) / len(batches)
+        loss.backward()
+        total += loss.detach()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total
+
+
+def plan_steps(args: argparse.Namespace, model, world: int) -> None:
+    """Set args.grad_accum (from --total-batch-tokens: nanochat's total_batch_size) and args.tokens
+    (from --tokens-per-param) before a run; ValueError when the batch does not divide."""
+    per_micro_batch = world * args.batch_size * args.seq_len
+    if args.total_batch_tokens is not None:
+        if args.grad_accum is not None:
+            raise ValueError("--grad-accum and --total-batch-tokens: give one (the second sets the first)")
+        if args.total_batch_tokens % per_micro_batch:
+            raise ValueError(f"--total-batch-tokens {args.total_batch_tokens} is not a multiple of world size x "
+                             f"--batch-size x --seq-len = {world} x {args.batch_size} x {args.seq_len} = "
+                             f"{per_micro_batch}")
+        args.grad_accum = args.total_batch_tokens // per_micro_batch
+    args.grad_accum = args.grad_accum or 1
+    if args.tokens_per_param is not None:
+        if args.tokens is not None:
+            raise ValueError("--tokens and --tokens-per-param: give one")
+        args.tokens = math.ceil(args.tokens_per_param * sum(p.numel() for p in model.parameters()))
 
 
 def train_loop(args, net, optimizer, rows_iter, tokenizer, out: Path, state: Optional[dict], device: torch.device,
@@ -367,17 +441,8 @@ def train_loop(args, net, optimizer, rows_iter, tokenizer, out: Path, state: Opt
     interval_loss = torch.zeros((), device=device)  # summed over the steps since the last log row
     for step in bar:
         optimizer.lr_scale(optim.wsd_schedule(step, total, args.warmup))
-        loss_sum = torch.zeros((), device=device)
-        for _ in range(args.grad_accum):
-            batch = rows_iter.batch(args.batch_size)
-            with autocast(device):
-                loss = loss_fn(batch) / args.grad_accum
-            loss.backward()
-            loss_sum += loss.detach()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        interval_loss += loss_sum
+        interval_loss += train_step(net, optimizer, loss_fn, [rows_iter.batch(args.batch_size)
+                                                              for _ in range(args.grad_accum)], device)
         done = step + 1
         if done % args.log_every == 0 or done == stop or done % args.eval_every == 0:
             if world > 1:  # the loss of the global batch

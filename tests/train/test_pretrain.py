@@ -1,6 +1,6 @@
 """Pretraining end to end on the CPU: the loss falls on the embedded corpus, a run stopped and
 resumed reproduces the uninterrupted losses exactly, two torchrun processes match one process at
-the same global batch, checkpoints reload with the Auto classes, bad checkpoints are refused."""
+the same global batch (DDP; FSDP2 compiled with activation checkpointing), checkpoints reload with the Auto classes, bad checkpoints are refused."""
 import json
 import os
 import subprocess
@@ -67,14 +67,15 @@ def test_stop_and_resume_reproduces_losses(tmp_path, tokenizer_dir, arch):
     assert losses(part) == losses(whole)
 
 
-@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
-def test_two_processes_equal_one(tmp_path, tokenizer_dir, sharding):
+@pytest.mark.parametrize("sharding, steps", [([], 6), (["--fsdp", "--compile", "--activation-checkpointing"], 3)],
+                         ids=["ddp", "fsdp-compiled-checkpointed"])
+def test_two_processes_equal_one(tmp_path, tokenizer_dir, sharding, steps):
     common = [*SMALL[:2], "--seq-len", "64", "--eval-batches", "2", "--sample", "0", "--warmup", "2",
-              "--log-every", "1", "--arch", "sambay", "--tokenizer", tokenizer_dir, "--max-steps", "6",
+              "--log-every", "1", "--arch", "sambay", "--tokenizer", tokenizer_dir, "--max-steps", str(steps),
               "--eval-every", "100"]
     one, two = tmp_path / "one", tmp_path / "two"
     pretrain(*common, "--batch-size", "4", "--out", str(one))
-    pretrain(*common, "--batch-size", "2", "--out", str(two), *(["--fsdp"] if sharding == "fsdp" else []), nproc=2)
+    pretrain(*common, "--batch-size", "2", "--out", str(two), *sharding, nproc=2, timeout=600)
     assert losses(two) == pytest.approx(losses(one), rel=1e-4)
 
 
