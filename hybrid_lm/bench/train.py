@@ -54,7 +54,7 @@ import torch
 import hybrid_lm
 from hybrid_lm.cli import positive_float, positive_int
 from hybrid_lm.train.optim import build_optimizer
-from hybrid_lm.train.pretrain import batch_loss, flops_per_token, peak_flops, train_step
+from hybrid_lm.train.pretrain import batch_loss, flops_per_token, peak_flops, train_step, wrap
 
 from .kernels import add_arch_arguments, chosen, chosen_archs, device_name, device_slug, progress
 
@@ -105,13 +105,11 @@ def bench_config(arch: str, mode: str, setup: Setup, vocab_size: Optional[int], 
         if vocab_size:
             overrides["vocab_size"] = vocab_size
         with torch.device(device):  # init on the device: a big model's host init is slow
-            model = hybrid_lm.build(hybrid_lm.config(arch, setup.preset, **overrides)).train()
+            model = hybrid_lm.build(hybrid_lm.config(arch, setup.preset, **overrides))
         row["params"] = sum(p.numel() for p in model.parameters())
-        # the order of pretrain.wrap: checkpointing first, so the compiled forward holds the checkpoints
-        if "checkpointed" in mode:
-            model.gradient_checkpointing_enable()
-        if "compiled" in mode:
-            model.compile()  # in place, as `pretrain --compile`; compiles on the first step
+        # as `pretrain --activation-checkpointing --compile` sets it up (compiles on the first step)
+        wrap(model, argparse.Namespace(activation_checkpointing="checkpointed" in mode, compile="compiled" in mode,
+                                       fsdp=False), 1, device)
         optimizer = build_optimizer(model, "muon")
         B, T = setup.batch, setup.seq_len
         tokens = torch.randint(0, model.config.vocab_size, (B, T + 1),
