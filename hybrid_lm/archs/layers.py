@@ -45,6 +45,8 @@ class Step:
     last_only: SambaY prefill, where the cross-decoder runs on the last token only; cu_seqlens
     (int32 [N+1]) and docs ([1, T] document id per token): a packed batch of N documents (batch
     size 1, no cache), attention stays within a document and Mamba restarts its state at each.
+    hidden_states / attentions: lists that the decoder layers and attention layers append to when
+    the caller asked for them (output_hidden_states / output_attentions), else None.
     """
 
     def __init__(self, slots: Tensor, valid: Optional[Tensor], positions: Tensor,
@@ -55,6 +57,13 @@ class Step:
         self.memory: Optional[Tensor] = None
         self.shared_kv: Optional[tuple[Tensor, Tensor, Tensor]] = None
         self.last_only = False
+        self.hidden_states: Optional[list[Tensor]] = None
+        self.attentions: Optional[list[Tensor]] = None
+
+    @property
+    def recording(self) -> bool:
+        """True when hidden states or attention maps are asked for: every token then runs every layer."""
+        return self.hidden_states is not None or self.attentions is not None
 
     def new_valid(self) -> Optional[Tensor]:
         """[B, T] validity of the new tokens, or None without padding."""
@@ -118,6 +127,23 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: Optio
     return o.transpose(1, 2)
 
 
+def attention_map(q: Tensor, k: Tensor, mask: Optional[Tensor], scale: Optional[float] = None) -> Tensor:
+    """The softmax map [B, H, Tq, Tk] of `attend` (same layouts and mask), softmax in fp32, for
+    output_attentions. Query head h reads KV head h // (H / Hkv)."""
+    k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if mask is None:
+        mask = torch.ones(q.shape[1], k.shape[1], dtype=torch.bool, device=q.device).tril(k.shape[1] - q.shape[1])
+    return scores.masked_fill(~mask, float("-inf")).softmax(-1).to(q.dtype)
+
+
+def apply_map(probs: Tensor, v: Tensor) -> Tensor:
+    """probs [B, H, Tq, Tk] over v [B, Tk, Hkv, Dv] -> [B, Tq, H, Dv]: the map returned is the
+    one the output is computed from (its gradient is the output's)."""
+    v = v.repeat_interleave(probs.shape[1] // v.shape[2], dim=2)
+    return torch.einsum("bhqk,bkhd->bqhd", probs.to(v.dtype), v)
+
+
 def use_flash(q: Tensor, v: Tensor, valid: Optional[Tensor], docs: Optional[Tensor] = None) -> bool:
     """flash-attn serves half-precision CUDA attention without padding (its causal mask is
     aligned bottom-right: our queries are always the last slots of their keys)."""
@@ -129,7 +155,9 @@ class DifferentialCore(nn.Module):
     """Differential attention's combination (named `inner_cross_attn` as in the release).
 
     Heads split into even (1) and odd (2) halves; attn_i = softmax(q_i k_i) [v1 | v2];
-    out = RMSNorm(attn_1 - lambda attn_2) * (1 - lambda_init), re-interleaved to H heads."""
+    out = RMSNorm(attn_1 - lambda attn_2) * (1 - lambda_init), re-interleaved to H heads.
+    Its attention map (output_attentions) is per query head: head 2i holds softmax(q_1 k_1) of
+    differential pair i (weighted +1), head 2i+1 its softmax(q_2 k_2) (weighted -lambda)."""
 
     def __init__(self, config: HybridConfig, layer_idx: int):
         super().__init__()
@@ -139,11 +167,19 @@ class DifferentialCore(nn.Module):
             nn.Parameter(torch.zeros(dh, dtype=torch.float32)) for _ in range(4))
         self.subln = nn.RMSNorm(2 * dh, eps=1e-5)
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
+                maps: Optional[list[Tensor]] = None) -> Tensor:
+        """maps: a list to append the [B, H, Tq, Tk] attention map to (output_attentions)."""
         v12 = torch.cat([v[:, :, 0::2], v[:, :, 1::2]], dim=-1)  # [B, Tk, Hkv/2, 2 dh]
         scale = q.shape[-1] ** -0.5
-        a1 = attend(q[:, :, 0::2], k[:, :, 0::2], v12, mask, scale)  # [B, T, H/2, 2 dh]
-        a2 = attend(q[:, :, 1::2], k[:, :, 1::2], v12, mask, scale)
+        if maps is None:
+            a1 = attend(q[:, :, 0::2], k[:, :, 0::2], v12, mask, scale)  # [B, T, H/2, 2 dh]
+            a2 = attend(q[:, :, 1::2], k[:, :, 1::2], v12, mask, scale)
+        else:
+            m = torch.stack([attention_map(q[:, :, 0::2], k[:, :, 0::2], mask, scale),
+                             attention_map(q[:, :, 1::2], k[:, :, 1::2], mask, scale)], dim=2).flatten(1, 2)
+            maps.append(m)  # [B, H, Tq, Tk] in query head order
+            a1, a2 = apply_map(m[:, 0::2], v12), apply_map(m[:, 1::2], v12)
         return self.combine(a1, a2)
 
     def combine(self, a1: Tensor, a2: Tensor) -> Tensor:
@@ -189,11 +225,16 @@ class Attention(nn.Module):
         return t
 
     def core(self, q: Tensor, k: Tensor, v: Tensor, q_slots: Tensor, k_slots: Tensor, valid: Optional[Tensor],
-             window: Optional[int], docs: Optional[Tensor] = None) -> Tensor:
+             window: Optional[int], docs: Optional[Tensor] = None, maps: Optional[list[Tensor]] = None) -> Tensor:
         """Attention of the queries at q_slots over the keys at k_slots (causal, window, padding);
-        differential or plain; returns [B, Tq, H * Dh]."""
+        differential or plain; returns [B, Tq, H * Dh]. maps: a list to append the attention map
+        [B, H, Tq, Tk] to (output_attentions; the keys in the order the cache holds them)."""
         if hasattr(self, "inner_cross_attn"):
-            return self.inner_cross_attn(q, k, v, attention_mask(q_slots, k_slots, valid, window, docs)).flatten(2)
+            mask = attention_mask(q_slots, k_slots, valid, window, docs)
+            return self.inner_cross_attn(q, k, v, mask, maps).flatten(2)
+        if maps is not None:
+            maps.append(attention_map(q, k, attention_mask(q_slots, k_slots, valid, window, docs)))
+            return apply_map(maps[-1], v).flatten(2)
         if use_flash(q, v, valid, docs):
             return flash_attn_func(q, k, v, causal=True, window_size=(-1, 0) if window is None else (window - 1, 0)
                                    ).flatten(2)
@@ -214,13 +255,14 @@ class Attention(nn.Module):
         if step.last_only:  # SambaY's shared layer in prefill: K,V for all tokens, output for the last
             q_slots, xq, positions = step.slots[-1:], x[:, -1:], step.positions[:, -1:]
         q = self._q(xq, positions)
-        return self.out_proj(self.core(q, k, v, q_slots, k_slots, step.valid, self.window, step.docs))
+        return self.out_proj(self.core(q, k, v, q_slots, k_slots, step.valid, self.window, step.docs,
+                                       step.attentions))
 
     def _cross(self, x: Tensor, step: Step) -> Tensor:
         k, v, k_slots = step.shared_kv
         q_slots = step.slots[-x.shape[1]:]  # the last token only in prefill, else every new token
         q = self._q(x, step.positions[:, -x.shape[1]:])
-        return self.out_proj(self.core(q, k, v, q_slots, k_slots, step.valid, None, step.docs))
+        return self.out_proj(self.core(q, k, v, q_slots, k_slots, step.valid, None, step.docs, step.attentions))
 
 
 class Mamba(nn.Module):

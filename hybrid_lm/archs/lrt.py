@@ -33,8 +33,8 @@ from hybrid_lm import kernels as K
 
 from .cache import HybridCache
 from .config import LRTConfig
-from .layers import Attention, Step, attend
-from .model import HybridForCausalLM, HybridModel
+from .layers import Attention, Step, apply_map, attend, attention_map
+from .model import HybridForCausalLM, HybridModel, check_positions, packed_documents
 
 Tensor = torch.Tensor
 
@@ -67,6 +67,17 @@ class Pass:
     positions: Tensor
     q_pos: Optional[Tensor] = None
     mask: Optional[Tensor] = None
+
+    def visible(self, N: int) -> Tensor:
+        """[B|1, 1, n, N] bool: the buffer keys each query sees (what interleaved_attention applies
+        without padding: causal in buffer order, within the window)."""
+        if self.mask is not None:
+            return self.mask
+        diff = self.q_pos[:, None] - torch.arange(N, device=self.q_pos.device)  # [n, N]
+        seen = diff >= 0
+        if self.schedule.window is not None:
+            seen = seen & (diff < self.schedule.window)
+        return seen[None, None]
 
 
 class Schedule:
@@ -161,6 +172,52 @@ class Schedule:
             kv.update(self.k[layer][:, new], self.v[layer][:, new], self.step.slots, self.window)
 
 
+class FinalPassRecord:
+    """output_hidden_states / output_attentions of the interleaved schedule: for each token, every
+    layer's output and attention row from the pass that refined it last (pass 0 for padding).
+    Each pass's layers append to fresh lists in the step; `add` writes that pass's rows over
+    those of its tokens, and `finish` leaves the assembled lists in the step: hidden states
+    [B, T, d] after the embeddings, maps [B, H, T, N] over the K,V buffer (the cached prefix,
+    then the T new tokens)."""
+
+    def __init__(self, step: Step):
+        self.step = step
+        self.embeddings = step.hidden_states  # [embeddings] or None
+        self.hidden: Optional[list[Tensor]] = None  # per layer [B, T(+1), d]
+        self.maps: Optional[list[Tensor]] = None  # per layer [B, T(+1), H, N] (query rows on dim 1 for _put)
+        self._fresh()
+
+    def _fresh(self) -> None:
+        if self.step.hidden_states is not None:
+            self.step.hidden_states = []
+        if self.step.attentions is not None:
+            self.step.attentions = []
+
+    def add(self, tokens: Tensor, trash_row: bool = False) -> None:
+        """After a pass over `tokens` [B, n]; the first pass (every token) may add the trash row."""
+        step = self.step
+        if step.hidden_states is not None:
+            got = step.hidden_states
+            if self.hidden is None:
+                self.hidden = [F.pad(x, (0, 0, 0, int(trash_row))) for x in got]
+            else:
+                self.hidden = [_put(x, tokens, y) for x, y in zip(self.hidden, got)]
+        if step.attentions is not None:
+            got = [m.transpose(1, 2) for m in step.attentions]
+            if self.maps is None:
+                self.maps = [F.pad(m, (0, 0, 0, 0, 0, int(trash_row))) for m in got]
+            else:
+                self.maps = [_put(m, tokens, y) for m, y in zip(self.maps, got)]
+        self._fresh()
+
+    def finish(self, T: int) -> None:
+        if self.hidden is not None:
+            self.step.hidden_states = [*self.embeddings, *(x[:, :T] for x in self.hidden)]
+        if self.maps is not None:
+            N = self.maps[0].shape[-1] - (self.maps[0].shape[1] - T)  # without the trash slot
+            self.step.attentions = [m[:, :T].transpose(1, 2)[..., :N] for m in self.maps]
+
+
 class LRTAttention(Attention):
     """Self-attention whose K,V mix in the memory's feedback projection under per-KV-head gates."""
 
@@ -191,13 +248,17 @@ class LRTAttention(Attention):
         q = self._q(x, positions)
         if pass_ is None:
             k, v, k_slots = step.cache.layers[self.layer_idx].update(k, v, step.slots, self.window)
-            return self.out_proj(self.core(q, k, v, step.slots, k_slots, step.valid, self.window))
+            return self.out_proj(self.core(q, k, v, step.slots, k_slots, step.valid, self.window,
+                                           maps=step.attentions))
         cached = None
         if kv is None and pass_.schedule.prefix:
             layer_cache = step.cache.layers[self.layer_idx]
             cached = (layer_cache.k, layer_cache.v)
         k, v = pass_.schedule.merge(pass_.tokens, k, v, kv, cached)
-        if pass_.mask is None:
+        if step.attentions is not None:  # the map asked for: over the whole buffer [B, H, n, N]
+            step.attentions.append(attention_map(q, k, pass_.visible(k.shape[1])))
+            o = apply_map(step.attentions[-1], v).flatten(2)
+        elif pass_.mask is None:
             o = K.interleaved_attention(q, k, v, pass_.q_pos, self.window).flatten(2)
         else:
             o = attend(q, k, v, pass_.mask).flatten(2)
@@ -303,8 +364,10 @@ class LRTModel(LRTLayers, HybridModel):
         c = self.config
         T = h.shape[1]
         schedule = Schedule(step, T, c.lrt_subsets, c.sliding_window, c.num_hidden_layers)
+        record = FinalPassRecord(step)
         first = schedule.first()
         z = self.final_state(self.run_layers(h, step, None, first))
+        record.add(first.tokens, schedule.padded)
         passes = [(first.tokens, z)]
         if schedule.padded:  # a row for the trash column, so every pass gathers and scatters in range
             z = torch.cat([z, z.new_zeros(z.shape[0], 1, z.shape[2])], dim=1)
@@ -315,18 +378,24 @@ class LRTModel(LRTLayers, HybridModel):
                 continue
             memory = _take(self._memory(step, z), pass_.tokens)
             zi = self.final_state(self.run_layers(_take(h, pass_.tokens), step, memory, pass_))
+            record.add(pass_.tokens)
             z = _put(z, pass_.tokens, zi)
             passes.append((pass_.tokens, zi))
         if step.cache is not None:
             schedule.commit()
+        record.finish(T)
         return z[:, :T], passes
 
-    def _states(self, h: Tensor, attention_mask: Optional[Tensor], cache: Optional[HybridCache]
-                ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
-        """Final normed states of the new tokens (embedded: h [B, T, d]), and each pass's (tokens,
-        final states)."""
+    def _states(self, h: Tensor, attention_mask: Optional[Tensor], cache: Optional[HybridCache],
+                output_attentions: Optional[bool] = False, output_hidden_states: Optional[bool] = False,
+                position_ids: Optional[Tensor] = None) -> tuple[Tensor, list[tuple[Tensor, Tensor]], Step]:
+        """Final normed states of the new tokens (embedded: h [B, T, d]), each pass's (tokens,
+        final states), and the step (with what it recorded)."""
         B, T = h.shape[:2]
         step = self.make_step(h, attention_mask, cache)
+        if position_ids is not None:
+            check_positions(position_ids, step)
+        self.start_recording(step, h, output_attentions, output_hidden_states)
         if cache is not None and T == 1:  # decoding: m = the latent, exact token by token
             z = self.final_state(self.run_layers(h, step, self._memory(step)))
             passes = [(step.positions.new_zeros(B, 1), z)]
@@ -338,7 +407,7 @@ class LRTModel(LRTLayers, HybridModel):
             else:  # in place: a captured decode step must write where it read
                 cache.latent.copy_(z[:, -1])
             cache.seen += T
-        return z, passes
+        return z, passes, step
 
     def _recurrence(self, h: Tensor, attention_mask: Optional[Tensor], cache: HybridCache) -> Tensor:
         """Final normed states of the exact recurrence: the input (embedded: h [B, T, d]) fed one
@@ -349,48 +418,69 @@ class LRTModel(LRTLayers, HybridModel):
         for t in range(T):
             mask = None if attention_mask is None else \
                 attention_mask[:, :seen + t + 1] if whole else attention_mask[:, t:t + 1]
-            z.append(self._states(h[:, t:t + 1], mask, cache)[0])
+            z.append(self._states(h[:, t:t + 1], mask, cache)[0])  # records nothing
         return torch.cat(z, dim=1)
+
+    output_class = LRTModelOutput
 
     def forward(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
                 past_key_values: Optional[HybridCache] = None, use_cache: Optional[bool] = None,
                 cu_seqlens: Optional[Tensor] = None, inputs_embeds: Optional[Tensor] = None,
+                output_attentions: Optional[bool] = None, output_hidden_states: Optional[bool] = None,
+                return_dict: Optional[bool] = None, position_ids: Optional[Tensor] = None,
                 exact_recurrence: bool = False, return_passes: bool = False, **kwargs) -> LRTModelOutput:
         """As HybridModel.forward, with the interleaved schedule (decoding with a cache: the exact
-        recurrence). exact_recurrence=True runs the exact recurrence one token at a time over the
-        whole input (continuing `past_key_values` if given); return_passes=True adds every pass's
-        final states (LRTModelOutput.passes)."""
-        if cu_seqlens is not None:
-            raise ValueError("cu_seqlens: LRT's interleaved schedule does not take packed documents yet: "
-                             "pass one document per row (attention_mask for padding)")
+        recurrence). Hidden states and attention maps are each token's from the pass that refined
+        it last (see FinalPassRecord). exact_recurrence=True runs the exact recurrence one token at
+        a time over the whole input (continuing `past_key_values` if given); return_passes=True
+        adds every pass's final states (LRTModelOutput.passes)."""
         h = self.embed(input_ids, inputs_embeds)
         B, T = h.shape[:2]
         cache = self.cache_for(B, past_key_values, use_cache or exact_recurrence)
+        if position_ids is not None and cu_seqlens is None:
+            cu_seqlens = packed_documents(position_ids, (B, T), attention_mask, cache)
+        if cu_seqlens is not None:
+            raise ValueError("cu_seqlens: LRT's interleaved schedule does not take packed documents yet: "
+                             "pass one document per row (attention_mask for padding)")
         if exact_recurrence:
             if cache is None:
                 raise ValueError("exact_recurrence: runs token by token through a cache, which training with "
                                  "gradient checkpointing cannot keep; call model.eval()")
+            if output_attentions or output_hidden_states:
+                raise ValueError("output_attentions, output_hidden_states: not recorded by exact_recurrence (one "
+                                 "forward per token); decode token by token with a cache to read them per step")
             z = self._recurrence(h, attention_mask, cache)
-            passes = [(torch.arange(T, device=z.device).expand(B, -1), z)]
+            passes, step = [(torch.arange(T, device=z.device).expand(B, -1), z)], None
         else:
-            z, passes = self._states(h, attention_mask, cache)
-        return LRTModelOutput(last_hidden_state=z, passes=passes if return_passes else None,
-                              past_key_values=cache if past_key_values is not None or use_cache else None)
+            z, passes, step = self._states(h, attention_mask, cache, output_attentions, output_hidden_states,
+                                           position_ids)
+        return self.outputs(z, step, cache if past_key_values is not None or use_cache else None, return_dict,
+                            passes=passes if return_passes else None)
 
 
 class LRTForCausalLM(HybridForCausalLM):
     config_class = LRTConfig
     model_class = LRTModel
 
-    def _loss(self, passes: list[tuple[Tensor, Tensor]], labels: Tensor) -> Tensor:
-        """Mean over the passes of each pass's next-token loss over the tokens it ran."""
-        targets = F.pad(labels[:, 1:], (0, 2), value=-100)  # the last token and the trash column predict nothing
+    def _loss(self, passes: list[tuple[Tensor, Tensor]], labels: Optional[Tensor], shift_labels: Optional[Tensor],
+              num_items_in_batch: Optional[Tensor]) -> Tensor:
+        """Mean over the passes of each pass's next-token loss over the tokens it ran. Targets are
+        labels shifted left, or shift_labels as given. With num_items_in_batch (Trainer's count of
+        targets over its accumulated micro-batches) a pass's summed loss is divided by its share
+        of that count (num_items_in_batch x its targets / pass 0's targets), which is its own
+        count when the micro-batch is the whole batch."""
+        if shift_labels is None:  # the last token and the trash column predict nothing
+            targets = F.pad(labels[:, 1:], (0, 2), value=-100)
+        else:  # the trash column predicts nothing
+            targets = F.pad(shift_labels, (0, 1), value=-100)
+        total = (targets != -100).sum()  # pass 0 runs every token
         losses, counted = [], []
         for tokens, logits in passes:
             t = _take(targets, tokens)
             n = (t != -100).sum()
             ce = F.cross_entropy(logits.flatten(0, 1).float(), t.flatten(), ignore_index=-100, reduction="sum")
-            losses.append(ce / n.clamp(min=1))
+            share = n if num_items_in_batch is None else num_items_in_batch * n / total.clamp(min=1)
+            losses.append(ce / share.clamp(min=1e-9) if num_items_in_batch is not None else ce / n.clamp(min=1))
             counted.append(n > 0)
         counted = torch.stack(counted)  # a pass with no target (a short input) does not count
         return (torch.stack(losses) * counted).sum() / counted.sum()
@@ -399,18 +489,26 @@ class LRTForCausalLM(HybridForCausalLM):
                 labels: Optional[Tensor] = None, past_key_values: Optional[HybridCache] = None,
                 use_cache: Optional[bool] = None, logits_to_keep: int = 0, exact_recurrence: bool = False,
                 return_passes: bool = False, cu_seqlens: Optional[Tensor] = None,
-                inputs_embeds: Optional[Tensor] = None, **kwargs) -> LRTOutput:
+                inputs_embeds: Optional[Tensor] = None, output_attentions: Optional[bool] = None,
+                output_hidden_states: Optional[bool] = None, return_dict: Optional[bool] = None,
+                position_ids: Optional[Tensor] = None, shift_labels: Optional[Tensor] = None,
+                num_items_in_batch: Optional[Tensor] = None, **kwargs) -> LRTOutput:
         """As HybridForCausalLM.forward, with the interleaved schedule (decoding with a cache: the
-        exact recurrence); with labels the loss is the mean of the passes' losses.
+        exact recurrence); with labels (or shift_labels) the loss is the mean of the passes' losses.
 
         exact_recurrence=True runs the exact recurrence one token at a time over the whole input
         (continuing `past_key_values` if given); return_passes=True adds every pass's logits
         (LRTOutput.passes)."""
-        want_passes = labels is not None or return_passes
+        want_loss = labels is not None or shift_labels is not None
+        want_passes = want_loss or return_passes
         out = self.model(input_ids, attention_mask, past_key_values, use_cache, cu_seqlens, inputs_embeds,
+                         output_attentions, output_hidden_states, True, position_ids,
                          exact_recurrence=exact_recurrence, return_passes=want_passes)
         z = out.last_hidden_state
         logits = self.lm_head(z[:, -logits_to_keep:] if logits_to_keep else z)
         passes = None if not want_passes else [(tokens, self.lm_head(zi)) for tokens, zi in out.passes]
-        return LRTOutput(loss=None if labels is None else self._loss(passes, labels), logits=logits,
-                         past_key_values=out.past_key_values, passes=passes if return_passes else None)
+        loss = self._loss(passes, labels, shift_labels, num_items_in_batch) if want_loss else None
+        result = LRTOutput(loss=loss, logits=logits, past_key_values=out.past_key_values,
+                           hidden_states=out.hidden_states, attentions=out.attentions,
+                           passes=passes if return_passes else None)
+        return result if (return_dict if return_dict is not None else self.config.return_dict) else result.to_tuple()

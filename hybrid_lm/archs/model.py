@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
@@ -28,15 +27,23 @@ from .layers import MLP, Attention, DifferentialCore, Mamba, Step, norm
 Tensor = torch.Tensor
 
 
-def next_token_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean CE of each kept logit against the label one position later (-100 ignored); logits
-    may cover only the last positions of labels (logits_to_keep, SambaY's cached prefill)."""
+def next_token_loss(loss_function, logits: Tensor, labels: Optional[Tensor], shift_labels: Optional[Tensor] = None,
+                    num_items_in_batch: Optional[Tensor] = None) -> Tensor:
+    """transformers' causal-LM loss of logits [B, n, V], which may cover only the last n
+    positions (logits_to_keep, SambaY's cached prefill): each against the label one position
+    later (-100 ignored), or against shift_labels, already shifted (sequence and context
+    parallel training). With num_items_in_batch the sum is divided by it (Trainer's gradient
+    accumulation), else the mean over kept labels."""
     n = logits.shape[1]
-    if n < 2:
+    if shift_labels is not None:
+        shift_labels = shift_labels[:, shift_labels.shape[1] - n:]
+    elif n < 2:
         raise ValueError(f"labels: a loss needs logits for at least 2 positions, got {n} "
                          "(drop logits_to_keep, or the cache in SambaY's prefill)")
-    targets = labels[:, labels.shape[1] - n + 1:]
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+    else:
+        labels = labels[:, labels.shape[1] - n:]
+    return loss_function(logits, labels, logits.shape[-1], num_items_in_batch=num_items_in_batch,
+                         shift_labels=shift_labels)
 
 
 class DecoderLayer(GradientCheckpointingLayer):
@@ -61,6 +68,8 @@ class DecoderLayer(GradientCheckpointingLayer):
             out, extra = out
         h = h[:, h.shape[1] - out.shape[1]:] + out  # a mixer may answer for the last token only
         h = h + self.mlp(self._norm(self.post_attention_layernorm, h))
+        if step.hidden_states is not None:
+            step.hidden_states.append(h)
         return h if extra is None else (h, extra)
 
 
@@ -110,7 +119,9 @@ class HybridPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         """transformers' from_pretrained, strict: a missing tensor, one the model lacks or one of
-        the wrong shape is a ValueError naming each (transformers would only warn, or not name it)."""
+        the wrong shape is a ValueError naming each (transformers would only warn, or not name it).
+        With output_loading_info=True it returns (model, loading info) and leaves the judging to
+        the caller, as transformers does."""
         want_info = kwargs.pop("output_loading_info", False)
         allow_mismatch = kwargs.pop("ignore_mismatched_sizes", False)
         try:
@@ -127,10 +138,19 @@ class HybridPreTrainedModel(PreTrainedModel):
         if not allow_mismatch:
             problems += [f"{name}: expected shape {list(want)}, found {list(got)}"
                          for name, got, want in sorted(info.get("mismatched_keys", ()))]
+        if want_info:  # the caller inspects what matched: transformers' contract, no strict error
+            return model, info
         if problems:
             raise ValueError(f"checkpoint {args[0] if args else ''}: tensors do not match a {model.config.model_type} "
                              f"model:\n  " + "\n  ".join(problems))
-        return (model, info) if want_info else model
+        return model
+
+    def post_init(self) -> None:
+        """transformers' post_init; then `_keep_in_fp32_modules_strict` names only parameters
+        this arch has (a Transformer has no A_log, only sambay-da has lambdas)."""
+        super().post_init()
+        own = {name.rsplit(".", 1)[-1] for name, _ in self.named_parameters()}
+        self._keep_in_fp32_modules_strict = self._keep_in_fp32_modules_strict & own
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None,
                                       **options) -> None:
@@ -204,6 +224,14 @@ class HybridModel(HybridPreTrainedModel):
 
     def run_layers(self, h: Tensor, step: Step) -> Tensor:
         return run_decoder_layers(self.layers, h, step)
+
+    def attention_layers(self) -> list[int]:
+        """The layers whose attention maps output_attentions returns, in this order: every
+        attention mixer (full, sliding-window, differential, SambaY's shared full attention and
+        its cross-attention layers). Mamba and GMU layers have no map. Transformer and LRT: every
+        layer; Samba: the odd layers; SambaY: the odd self-decoder layers, the shared layer
+        (L/2 + 1) and the odd cross-decoder layers."""
+        return [i for i, layer in enumerate(self.layers) if isinstance(layer.attn, Attention)]
 
     # -- shared ----------------------------------------------------------------------------------
 
@@ -316,23 +344,87 @@ class HybridModel(HybridPreTrainedModel):
             return self.new_cache(batch)
         return past_key_values
 
+    def start_recording(self, step: Step, h: Tensor, output_attentions: Optional[bool],
+                        output_hidden_states: Optional[bool]) -> None:
+        """Give `step` the lists the layers append to, for what is asked (or the config's default)."""
+        if output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states:
+            step.hidden_states = [h]  # the embeddings first, as in transformers
+        if output_attentions if output_attentions is not None else self.config.output_attentions:
+            step.attentions = []
+
+    output_class = BaseModelOutputWithPast
+
+    def outputs(self, h: Tensor, step: Optional[Step], cache: Optional[HybridCache], return_dict: Optional[bool],
+                **extra) -> BaseModelOutputWithPast:
+        """The base model's output: final normed states h, and what `step` recorded (None: nothing).
+        As in transformers the last hidden state is the normed one (the LM head's input)."""
+        hidden = attentions = None
+        if step is not None and step.hidden_states is not None:
+            hidden = (*step.hidden_states[:-1], h)
+        if step is not None and step.attentions is not None:
+            attentions = tuple(step.attentions)
+        out = self.output_class(last_hidden_state=h, past_key_values=cache, hidden_states=hidden,
+                                attentions=attentions, **extra)
+        return out if (return_dict if return_dict is not None else self.config.return_dict) else out.to_tuple()
+
     def forward(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
                 past_key_values: Optional[HybridCache] = None, use_cache: Optional[bool] = None,
                 cu_seqlens: Optional[Tensor] = None, inputs_embeds: Optional[Tensor] = None,
+                output_attentions: Optional[bool] = None, output_hidden_states: Optional[bool] = None,
+                return_dict: Optional[bool] = None, position_ids: Optional[Tensor] = None,
                 **kwargs) -> BaseModelOutputWithPast:
         """Final normed hidden states [B, T, d] of the new tokens (SambaY's cached prefill: of the
-        last token only). With a cache (or use_cache=True) they continue the cached sequence.
-        cu_seqlens (int32 [N+1], input_ids [1, T]): a packed batch of documents that do not see
-        each other (training)."""
+        last token only, unless hidden states or attentions are asked for). With a cache (or
+        use_cache=True) they continue the cached sequence. cu_seqlens (int32 [N+1], input_ids
+        [1, T]): a packed batch of documents that do not see each other (training); position_ids
+        restarting at 0 in one row (transformers' DataCollatorWithFlattening) say the same.
+        output_hidden_states: the embeddings and each layer's output; output_attentions: the
+        softmax map [B, H, Tq, Tk] of each attention layer, in layer order (Mamba and GMU layers
+        have none). return_dict=False: a tuple."""
         h = self.embed(input_ids, inputs_embeds)
         cache = self.cache_for(h.shape[0], past_key_values, use_cache)
+        if position_ids is not None and cu_seqlens is None:
+            cu_seqlens = packed_documents(position_ids, h.shape[:2], attention_mask, cache)
         step = self.make_step(h, attention_mask, cache, cu_seqlens)
+        if position_ids is not None:
+            check_positions(position_ids, step)
+        self.start_recording(step, h, output_attentions, output_hidden_states)
         T = h.shape[1]
         h = self.run_layers(h, step)
         if cache is not None:
             cache.seen += T
         h = self.final_layernorm(h.to(self.final_layernorm.weight.dtype))
-        return BaseModelOutputWithPast(last_hidden_state=h, past_key_values=cache)
+        return self.outputs(h, step, cache, return_dict)
+
+
+def packed_documents(position_ids: Tensor, shape: tuple[int, int], attention_mask: Optional[Tensor],
+                     cache: Optional[HybridCache]) -> Optional[Tensor]:
+    """cu_seqlens (int32 [N+1]) of a padding-free batch given as position ids: one row, no mask,
+    no cache, positions restarting at 0 at each document (transformers'
+    DataCollatorWithFlattening). None for anything else (check_positions checks those)."""
+    B, T = shape
+    if position_ids.shape != (B, T):
+        raise ValueError(f"position_ids: expected shape [B={B}, T={T}], got {list(position_ids.shape)}")
+    if B != 1 or attention_mask is not None or cache is not None:
+        return None
+    starts = torch.nonzero(position_ids[0] == 0).flatten()
+    if len(starts) < 2 or starts[0] != 0:
+        return None
+    return torch.cat([starts, starts.new_tensor([T])]).to(torch.int32)
+
+
+def check_positions(position_ids: Tensor, step: Step) -> None:
+    """position_ids must agree with the positions the model derives (from the attention mask,
+    the cache, or the packed documents) at every real token: they are not an independent input."""
+    derived = step.positions
+    given = position_ids.to(derived.device, derived.dtype)
+    real = step.new_valid()
+    agree = (given == derived) if real is None else ((given == derived) | ~real)
+    if not bool(agree.all()):
+        raise ValueError("position_ids: these models derive position ids from attention_mask (left padding), the "
+                         "cache and packed documents (position ids restarting at 0 in one row); the position_ids "
+                         f"given differ from those: got {position_ids.tolist()[:2]}, expected "
+                         f"{derived.tolist()[:2]} (first rows)")
 
 
 class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
@@ -366,18 +458,26 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
     def forward(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
                 labels: Optional[Tensor] = None, past_key_values: Optional[HybridCache] = None,
                 use_cache: Optional[bool] = None, logits_to_keep: int = 0, cu_seqlens: Optional[Tensor] = None,
-                inputs_embeds: Optional[Tensor] = None, **kwargs) -> CausalLMOutputWithPast:
-        """Logits for every position (the last `logits_to_keep` if given) and, with labels, the
-        next-token loss (labels are shifted inside; -100 is ignored). With a cache (or
+                inputs_embeds: Optional[Tensor] = None, output_attentions: Optional[bool] = None,
+                output_hidden_states: Optional[bool] = None, return_dict: Optional[bool] = None,
+                position_ids: Optional[Tensor] = None, shift_labels: Optional[Tensor] = None,
+                num_items_in_batch: Optional[Tensor] = None, **kwargs) -> CausalLMOutputWithPast:
+        """Logits for every position (the last `logits_to_keep` if given) and, with labels (or
+        shift_labels), transformers' next-token loss (see `next_token_loss`). With a cache (or
         use_cache=True) the new tokens continue the cached sequence. cu_seqlens (int32 [N+1],
-        input_ids [1, T]): a packed batch of documents that do not see each other (training)."""
-        out = self.model(input_ids, attention_mask, past_key_values, use_cache, cu_seqlens, inputs_embeds)
+        input_ids [1, T]), or position_ids restarting at 0 in one row: a packed batch of
+        documents that do not see each other (training). Hidden states, attentions and
+        return_dict as in the base model's forward."""
+        out = self.model(input_ids, attention_mask, past_key_values, use_cache, cu_seqlens, inputs_embeds,
+                         output_attentions, output_hidden_states, True, position_ids)
         h = out.last_hidden_state
         logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
         loss = None
-        if labels is not None:
-            loss = next_token_loss(logits, labels)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+        if labels is not None or shift_labels is not None:
+            loss = next_token_loss(self.loss_function, logits, labels, shift_labels, num_items_in_batch)
+        result = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
+                                        hidden_states=out.hidden_states, attentions=out.attentions)
+        return result if (return_dict if return_dict is not None else self.config.return_dict) else result.to_tuple()
 
     # -- generate plumbing -------------------------------------------------------------------------
 
@@ -386,12 +486,28 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         return False  # we bring our own cache (prepare_inputs_for_generation makes it)
 
     def prepare_inputs_for_generation(self, input_ids: Tensor, past_key_values: Optional[HybridCache] = None,
-                                      attention_mask: Optional[Tensor] = None, use_cache: bool = True, **kwargs):
+                                      attention_mask: Optional[Tensor] = None, use_cache: bool = True,
+                                      inputs_embeds: Optional[Tensor] = None, **kwargs):
+        """The next forward's inputs: the tokens the cache has not seen, or on the first call with
+        inputs_embeds the prompt's embeddings. Other keyword arguments (output_attentions,
+        output_hidden_states, logits_to_keep, ...) pass through; positions come from the
+        attention mask and the cache, so transformers' position_ids and cache_position are not
+        needed."""
         if past_key_values is None and use_cache:
-            past_key_values = self.new_cache(input_ids.shape[0])
+            batch = input_ids.shape[0] if inputs_embeds is None else inputs_embeds.shape[0]
+            past_key_values = self.new_cache(batch)
         seen = 0 if past_key_values is None else past_key_values.seen
-        inputs = {"input_ids": input_ids[:, seen:], "attention_mask": attention_mask,
-                  "past_key_values": past_key_values, "use_cache": use_cache}
-        if "logits_to_keep" in kwargs:
-            inputs["logits_to_keep"] = kwargs["logits_to_keep"]
-        return inputs
+        inputs = {"attention_mask": attention_mask, "past_key_values": past_key_values, "use_cache": use_cache}
+        if inputs_embeds is not None and seen == 0:
+            inputs["inputs_embeds"] = inputs_embeds
+        elif past_key_values is None:
+            inputs["input_ids"] = input_ids
+        else:
+            # after a prompt given as embeddings, input_ids may or may not hold the prompt's ids
+            # (transformers passes them when the caller gave both): count from the mask instead
+            total = attention_mask.shape[1] if inputs_embeds is not None and attention_mask is not None \
+                else input_ids.shape[1] if inputs_embeds is None else seen + 1
+            inputs["input_ids"] = input_ids[:, input_ids.shape[1] - (total - seen):]
+        for name in ("position_ids", "cache_position"):
+            kwargs.pop(name, None)
+        return {**kwargs, **inputs}

@@ -60,9 +60,10 @@ def run_self_decoder(layers: Sequence[nn.Module], h: Tensor, step: Step) -> Tens
     """SambaY's self-decoder: its first L/2+2 layers, ending with the memory layer (its scan
     output goes to step.memory, for the GMUs) and the shared full-attention layer (its K,V, for
     the cross-attention layers). In prefill with a cache the shared layer answers for the last
-    token only, so the cross-decoder after it runs on that token alone."""
+    token only, so the cross-decoder after it runs on that token alone (every token, when hidden
+    states or attention maps are asked for)."""
     memory_layer, shared_layer = len(layers) - 2, len(layers) - 1
-    prefill = step.cache is not None and h.shape[1] > 1
+    prefill = step.cache is not None and h.shape[1] > 1 and not step.recording
     for i, layer in enumerate(layers):
         if i == memory_layer:
             h, step.memory = layer(h, step, return_memory=True)

@@ -57,6 +57,8 @@ class ServeStep:
         self.positions = positions[None]
         self.cache = None
         self.memory: Optional[Tensor] = None
+        self.hidden_states = self.attentions = None  # vLLM asks for neither
+        self.recording = False
 
 
 def layer_metadata(prefix: str):
