@@ -248,7 +248,7 @@ class Attention(nn.Module):
         k, v = self._kv(x, step.positions)
         k_slots = step.slots
         if step.cache is not None:
-            k, v, k_slots = step.cache.layers[self.layer_idx].update(k, v, step.slots, self.window)
+            k, v, k_slots = step.cache.layers[self.layer_idx].update(k, v, step.slots)
         if self.shares_kv:
             step.shared_kv = (k, v, k_slots)
         q_slots, xq, positions = step.slots, x, step.positions

@@ -169,7 +169,7 @@ class Schedule:
         """Append the new tokens' final K,V to the cache."""
         new = slice(self.prefix, self.prefix + self.T)
         for layer, kv in enumerate(self.step.cache.layers):
-            kv.update(self.k[layer][:, new], self.v[layer][:, new], self.step.slots, self.window)
+            kv.update(self.k[layer][:, new], self.v[layer][:, new], self.step.slots)
 
 
 class FinalPassRecord:
@@ -247,7 +247,7 @@ class LRTAttention(Attention):
         k, v = self._kv(x, positions, feedback)
         q = self._q(x, positions)
         if pass_ is None:
-            k, v, k_slots = step.cache.layers[self.layer_idx].update(k, v, step.slots, self.window)
+            k, v, k_slots = step.cache.layers[self.layer_idx].update(k, v, step.slots)
             return self.out_proj(self.core(q, k, v, step.slots, k_slots, step.valid, self.window,
                                            maps=step.attentions))
         cached = None

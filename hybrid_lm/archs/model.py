@@ -15,8 +15,9 @@ from typing import Optional
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
+from transformers.generation.utils import GenerationMode
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
@@ -115,6 +116,9 @@ class HybridPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     # loaded in bf16/fp16, these stay fp32 as stored (Mamba's decay rates, differential attention's lambdas)
     _keep_in_fp32_modules_strict = ["A_log", "lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"]
+    # Mamba states and LRT's latent fold every token in and cannot be rolled back, so generate
+    # refuses assisted decoding, as for transformers' own hybrids; the Transformer sets False
+    _is_stateful = True
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -483,7 +487,22 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
-        return False  # we bring our own cache (prepare_inputs_for_generation makes it)
+        return False  # transformers' DynamicCache cannot hold our states: _prepare_cache_for_generation makes ours
+
+    def _prepare_cache_for_generation(self, generation_config: GenerationConfig, model_kwargs: dict,
+                                      generation_mode: GenerationMode, batch_size: int, max_cache_length: int) -> None:
+        """generate's cache (transformers' hook): unless the caller gave one, a HybridCache with a row
+        per beam or returned sequence. Assisted decoding rolls back rejected draft tokens with
+        `crop`, so its caches record their past (sliding windows keep every slot until the crop)."""
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, batch_size,
+                                              max_cache_length)
+        if model_kwargs.get("past_key_values") is not None or not generation_config.use_cache:
+            return
+        rows = max(generation_config.num_beams, generation_config.num_return_sequences)
+        cache = self.new_cache(batch_size * rows)
+        if generation_mode == GenerationMode.ASSISTED_GENERATION or generation_config.is_assistant:
+            cache.activate_past_recording()
+        model_kwargs["past_key_values"] = cache
 
     def prepare_inputs_for_generation(self, input_ids: Tensor, past_key_values: Optional[HybridCache] = None,
                                       attention_mask: Optional[Tensor] = None, use_cache: bool = True,
@@ -493,9 +512,6 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         output_hidden_states, logits_to_keep, ...) pass through; positions come from the
         attention mask and the cache, so transformers' position_ids and cache_position are not
         needed."""
-        if past_key_values is None and use_cache:
-            batch = input_ids.shape[0] if inputs_embeds is None else inputs_embeds.shape[0]
-            past_key_values = self.new_cache(batch)
         seen = 0 if past_key_values is None else past_key_values.seen
         inputs = {"attention_mask": attention_mask, "past_key_values": past_key_values, "use_cache": use_cache}
         if inputs_embeds is not None and seen == 0:

@@ -10,6 +10,7 @@ from .model import HybridForCausalLM, HybridModel
 
 class TransformerModel(HybridModel):
     config_class = TransformerConfig
+    _is_stateful = False  # K,V only: a cache can be cropped, so assisted decoding works
 
     def build_mixers(self, config: TransformerConfig) -> list[nn.Module]:
         return [Attention(config, i, window=config.sliding_window) for i in range(config.num_hidden_layers)]
@@ -18,3 +19,4 @@ class TransformerModel(HybridModel):
 class TransformerForCausalLM(HybridForCausalLM):
     config_class = TransformerConfig
     model_class = TransformerModel
+    _is_stateful = False
