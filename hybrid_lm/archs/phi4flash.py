@@ -1,7 +1,7 @@
 """Phi-4-mini-flash-reasoning's released format (model_type "phi4flash"), without remote code.
 
 The release is our sambay-da at the phi4-mini-flash preset: the same module tree, hence the same
-tensor names (shared/PHI4_FLASH.md). Only config.json differs: one renamed field
+tensor names (docs/phi4flash.md). Only config.json differs: one renamed field
 (layer_norm_eps), a few fields only the release's own code reads (mb_per_layer, hidden_act,
 rope_theta, dropout rates), optional Mamba fields it derives when absent, and no fields at all
 for what it fixes (LayerNorm with bias, fused Wqkv with bias, no positional encoding, fp32

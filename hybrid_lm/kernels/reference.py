@@ -3,7 +3,7 @@
 Math runs in fp32 (float64 when the inputs are float64, which is how the tests build their
 ground truth); outputs come back in the input dtype, recurrent states stay fp32/fp64.
 Arguments are assumed valid: the public functions in hybrid_lm.kernels check them first.
-Semantics are documented in DESIGN.md and on the public functions.
+Semantics are documented in docs/kernels.md and on the public functions.
 """
 from __future__ import annotations
 
@@ -147,7 +147,8 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     local = torch.stack(local, dim=2)                                          # [B, nc, L, Dm, N]
     decay = torch.exp(torch.cumsum(dA, dim=2))                                 # within-chunk decay
     starts, H = [], h0
-    for decay_c, local_c in zip(decay[:, :, -1].unbind(1), local[:, :, -1].unbind(1)):  # carry the true state across chunks
+    # carry the true state across chunks
+    for decay_c, local_c in zip(decay[:, :, -1].unbind(1), local[:, :, -1].unbind(1)):
         starts.append(H)
         H = decay_c * H + local_c
     states = local + decay * torch.stack(starts, dim=1)[:, :, None]            # h_t for every t

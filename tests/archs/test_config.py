@@ -1,5 +1,5 @@
 """hybrid_lm.config checks every argument before any work starts: unknown fields, wrong types and
-out-of-range values raise ValueError naming the field (issue 16)."""
+out-of-range values raise ValueError naming the field."""
 import pytest
 from transformers import AutoConfig
 

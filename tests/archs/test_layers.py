@@ -1,5 +1,5 @@
-"""Layers against naive float64 implementations written here from the specs (DESIGN.md,
-shared/PHI4_FLASH.md): differential attention (self, sliding, cross), plain attention (RoPE,
+"""Layers against naive float64 implementations written here from the specs (docs/models.md,
+docs/phi4flash.md): differential attention (self, sliding, cross), plain attention (RoPE,
 QK-norm, GQA, window), the GMU, the SwiGLU MLP and the Mamba-1 mixer (incl. its GMU memory and
 its cached prefill + decode path). The models run on the PyTorch reference kernels on the CPU."""
 from __future__ import annotations
@@ -60,7 +60,7 @@ def randomize_diff(core):
 
 
 def naive_diff_attention(att, x, layer_idx, window, kv_source=None, q_slots=None, k_slots=None):
-    """Differential attention as PHI4_FLASH.md describes it, float64.
+    """Differential attention as docs/phi4flash.md describes it, float64.
 
     att: the module (weights only are read); x [B,T,d]; kv_source: (k, v) [B,Tk,Hkv,Dh] for
     cross attention, else K,V come from x."""

@@ -1,4 +1,4 @@
-"""LRT (Latent Recurrent Transformer, DESIGN.md "LRT") on the tiny preset, CPU.
+"""LRT (Latent Recurrent Transformer, docs/models.md "LRT") on the tiny preset, CPU.
 
 The exact recurrence is checked against a float64 token-by-token loop written here from the
 definition (plain tensor ops on the model's weights); decoding against that loop seeded with

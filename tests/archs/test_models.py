@@ -687,7 +687,7 @@ def test_left_padding_does_not_leak_into_recurrent_states(case):
 
 
 def phi4_expected_state_dict() -> dict[str, tuple[int, ...]]:
-    """Every tensor of Phi-4-mini-flash-reasoning as shared/PHI4_FLASH.md lists it."""
+    """Every tensor of Phi-4-mini-flash-reasoning as docs/phi4flash.md lists it."""
     d, di, V, L = 2560, 5120, 200064, 32
     sd: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (V, d), "model.final_layernorm.weight": (d,),
                                       "model.final_layernorm.bias": (d,)}

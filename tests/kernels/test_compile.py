@@ -1,6 +1,6 @@
 """torch.compile traces through every op (custom ops with fake implementations) without graph
-breaks, forward and backward, and gives the eager results. Needs a GPU: compiling interpreted
-kernels is not supported (shared/ENVIRONMENT.md), and on the CPU the ops take the reference."""
+breaks, forward and backward, and gives the eager results. Needs a GPU: torch.compile over kernels
+run by Triton's interpreter (TRITON_INTERPRET=1) fails, and on the CPU the ops take the reference."""
 import pytest
 import torch
 

@@ -1,5 +1,5 @@
 """Tiny checkpoints in the released Phi-4-mini-flash-reasoning format, written from
-shared/PHI4_FLASH.md alone (names, shapes, dtypes, two shards with an index), not from our
+docs/phi4flash.md alone (names, shapes, dtypes, two shards with an index), not from our
 model code: what a test loads here is what the release looks like, only smaller."""
 from __future__ import annotations
 

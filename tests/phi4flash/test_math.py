@@ -1,4 +1,4 @@
-"""The forward follows shared/PHI4_FLASH.md where the release differs from our default
+"""The forward follows docs/phi4flash.md where the release differs from our default
 sambay-da: LayerNorm with bias, fused Wqkv with bias, the even/odd head split of differential
 attention, the fp32 residual stream, the tied head (and fc1 as gate|up). Each is pinned against
 a direct computation from the checkpoint's own tensors, written from the document, not from our
@@ -43,7 +43,7 @@ def layer_norm(x, w, b, eps=1e-5):
 
 
 def differential_attention(config, t, prefix, layer, x, kv=None, window=None):
-    """PHI4_FLASH.md's differential attention, head by head: fused Wqkv rows q | k | v with bias
+    """docs/phi4flash.md's differential attention, head by head: fused Wqkv rows q | k | v with bias
     (queries only for a cross layer, which reads `kv`); heads split into even (1) and odd (2);
     attn_i = [A(q_i, k_i, v1), A(q_i, k_i, v2)]; lambda from the four vectors and the layer's
     lambda_init; RMSNorm over 2 dh, times (1 - lambda_init); heads re-interleaved; out_proj."""
