@@ -511,4 +511,4 @@ class LRTForCausalLM(HybridForCausalLM):
         result = LRTOutput(loss=loss, logits=logits, past_key_values=out.past_key_values,
                            hidden_states=out.hidden_states, attentions=out.attentions,
                            passes=passes if return_passes else None)
-        return result if (return_dict if return_dict is not None else self.config.return_dict) else result.to_tuple()
+        return self.as_requested(result, return_dict)

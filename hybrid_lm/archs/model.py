@@ -19,7 +19,7 @@ from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.generation.utils import GenerationMode
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, ModelOutput
 
 from .cache import HybridCache
 from .config import HybridConfig
@@ -148,6 +148,11 @@ class HybridPreTrainedModel(PreTrainedModel):
             raise ValueError(f"checkpoint {args[0] if args else ''}: tensors do not match a {model.config.model_type} "
                              f"model:\n  " + "\n  ".join(problems))
         return model
+
+    def as_requested(self, output: ModelOutput, return_dict: Optional[bool]) -> ModelOutput | tuple:
+        """`output`, or its tuple when return_dict (else the config's) is False, as transformers does."""
+        wanted = return_dict if return_dict is not None else self.config.return_dict
+        return output if wanted else output.to_tuple()
 
     def post_init(self) -> None:
         """transformers' post_init; then `_keep_in_fp32_modules_strict` names only parameters
@@ -369,7 +374,7 @@ class HybridModel(HybridPreTrainedModel):
             attentions = tuple(step.attentions)
         out = self.output_class(last_hidden_state=h, past_key_values=cache, hidden_states=hidden,
                                 attentions=attentions, **extra)
-        return out if (return_dict if return_dict is not None else self.config.return_dict) else out.to_tuple()
+        return self.as_requested(out, return_dict)
 
     def forward(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
                 past_key_values: Optional[HybridCache] = None, use_cache: Optional[bool] = None,
@@ -481,7 +486,7 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
             loss = next_token_loss(self.loss_function, logits, labels, shift_labels, num_items_in_batch)
         result = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
                                         hidden_states=out.hidden_states, attentions=out.attentions)
-        return result if (return_dict if return_dict is not None else self.config.return_dict) else result.to_tuple()
+        return self.as_requested(result, return_dict)
 
     # -- generate plumbing -------------------------------------------------------------------------
 
