@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Kernel tests and every benchmark on a lent GPU machine (H100/H200 through the device tool;
-# see shared/ENVIRONMENT.md: PyTorch 2.11, CUDA 13, Triton 3.6, no network, no mamba-ssm or
-# causal-conv1d unless built here from sdists).
+# Kernel tests and every benchmark on a lent GPU machine (H100/H200 through the device tool; it
+# has PyTorch 2.11, CUDA 13, Triton 3.6, nvcc, no network, and no vllm, flash-attn, mamba-ssm or
+# causal-conv1d: the last two only if built there from sdists, see build-baselines below).
 #
 # Usage, from the repository root, through the device tool (a call runs at most 10 minutes; what
 # it writes to $OUT comes back, at most 8 files; every call also writes env-<device>.txt):
@@ -46,7 +46,7 @@ unset TRITON_INTERPRET HYBRID_LM_BACKEND  # compiled kernels, default dispatch
 
 left() { local s=$(( deadline - $(date +%s) )); echo $(( s > 1 ? s : 1 )); }  # timeout 0 would mean none
 
-slug=$($PY -c "from hybrid_lm.bench.kernels import device_slug; print(device_slug())" 2>/dev/null) ||
+slug=$($PY -c "from hybrid_lm.bench.common import device_slug; print(device_slug())" 2>/dev/null) ||
     slug=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 |
            tr '[:upper:]' '[:lower:]' | sed -E 's/[^a-z0-9]+/-/g; s/^-+|-+$//g')
 slug=${slug:-unknown-device}

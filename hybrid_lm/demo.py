@@ -23,7 +23,8 @@ from transformers import AutoConfig
 import hybrid_lm
 
 from hybrid_lm.bench import rollout, vllm_engine
-from hybrid_lm.bench.kernels import device_name, progress
+from hybrid_lm.bench.common import (default_device, device_name, model_dtype, progress, pyplot, save_figure,
+                                    vllm_version)
 from hybrid_lm.cli import positive_int
 from hybrid_lm.train import checkpoint, pretrain
 
@@ -35,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=positive_int, default=200, help="training steps per model (default: 200)")
     parser.add_argument("--sessions", type=positive_int, default=4, help="concurrent rollout sessions (default: 4)")
     parser.add_argument("--turns", type=positive_int, default=3, help="turns per session (default: 3)")
-    parser.add_argument("--obs-tokens", type=positive_int, default=600, help="observation tokens per turn (default: 600)")
+    parser.add_argument("--obs-tokens", type=positive_int, default=600,
+                        help="observation tokens per turn (default: 600)")
     parser.add_argument("--action-tokens", type=positive_int, default=32, help="action tokens per turn (default: 32)")
     parser.add_argument("--eager", action="store_true", help=vllm_engine.EAGER_HELP)
 
@@ -71,17 +73,14 @@ def print_table(rows: dict) -> None:
     print(f"\n{'arch':<12} {'params':>8} {'train loss':>10} {'val loss':>8} {'val bpb':>7} {'rollout tok/s':>13} "
           f"{'action tok/s':>12} {'p50 turn s':>10} {'state MiB':>9}")
     for arch, r in rows.items():
-        print(f"{arch:<12} {r['params'] / 1e6:>7.2f}M {r['train_loss']:>10.3f} {r['val_loss']:>8.3f} {r['val_bpb']:>7.3f} "
-              f"{r['rollout_tokens_per_s']:>13.1f} {r['action_tokens_per_s']:>12.1f} {r['latency_p50_s']:>10.3f} "
-              f"{r['peak_state_bytes'] / 2**20:>9.2f}")
+        print(f"{arch:<12} {r['params'] / 1e6:>7.2f}M {r['train_loss']:>10.3f} {r['val_loss']:>8.3f} "
+              f"{r['val_bpb']:>7.3f} {r['rollout_tokens_per_s']:>13.1f} {r['action_tokens_per_s']:>12.1f} "
+              f"{r['latency_p50_s']:>10.3f} {r['peak_state_bytes'] / 2**20:>9.2f}")
 
 
 def plot(rows: dict, title: str, path: Path) -> bool:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for arch, r in rows.items():
@@ -97,18 +96,14 @@ def plot(rows: dict, title: str, path: Path) -> bool:
     for ax in axes[:2]:
         ax.legend()
         ax.grid(alpha=0.3)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path, title)
 
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # before vLLM is imported: keep the demo's output readable
     vllm_engine.require_vllm()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device = default_device()
+    dtype = model_dtype(device)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = {arch: train(arch, args.out / arch, args.steps) for arch in ARCHS}
     print(f"\n== rollout in vLLM: {args.sessions} sessions x {args.turns} turns, observation {args.obs_tokens} "
@@ -119,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         rows[arch].update(serve_rollout(args.out / arch, args, dtype, bar))
     bar.close()
     print_table(rows)
-    info = dict(device=device_name(device), dtype=str(dtype).removeprefix("torch."), vllm=vllm_engine.vllm_version(),
+    info = dict(device=device_name(device), dtype=str(dtype).removeprefix("torch."), vllm=vllm_version(),
                 torch=torch.__version__, steps=args.steps)
     (args.out / "demo.json").write_text(json.dumps({"meta": info, "rows": rows}, indent=1) + "\n")
     title = f"hybrid-lm demo: tiny SambaY vs Transformer, {info['device']}, {info['dtype']}, vLLM {info['vllm']}"

@@ -10,6 +10,7 @@ import torch
 
 import hybrid_lm
 from hybrid_lm.bench import decode as bench
+from hybrid_lm.bench.common import device_slug
 
 META_FIELDS = {"device", "device_slug", "torch", "triton", "transformers", "python", "cuda", "dtype", "preset",
                "models", "prompt_len", "gen_len", "batch_sizes", "checkpoints", "window_steps", "decode_step",
@@ -31,7 +32,7 @@ def result(tmp_path_factory):
         rc = bench.run(parser.parse_args(["--quick", "--out", str(out)]))
     finally:
         torch.set_num_threads(threads)
-    stem = out / f"decode-{bench.device_slug()}"
+    stem = out / f"decode-{device_slug()}"
     return rc, stem, json.loads(stem.with_suffix(".json").read_text())
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from hybrid_lm.bench import kernels as bench
+from hybrid_lm.bench.common import device_slug
 from hybrid_lm.kernels import reference
 
 ROW_FIELDS = {"op", "pass", "impl", "sizes", "dtype", "status", "time_ms", "bytes", "gbps", "frac_copy_bw",
@@ -22,7 +23,7 @@ def test_cpu_quick_run_writes_rows_json_and_png(tmp_path):
     bench.add_arguments(parser)
     assert bench.run(parser.parse_args(["--quick", "--out", str(tmp_path), "--dtype", "fp32"])) == 0
 
-    stem = tmp_path / f"kernels-{bench.device_slug()}"
+    stem = tmp_path / f"kernels-{device_slug()}"
     result = json.loads(stem.with_suffix(".json").read_text())
     meta, rows = result["meta"], result["rows"]
     assert META_FIELDS <= meta.keys()

@@ -5,6 +5,7 @@ import argparse
 import json
 
 from hybrid_lm.bench import train as bench
+from hybrid_lm.bench.common import device_slug
 
 
 def run(tmp_path, monkeypatch, *argv: str) -> tuple[int, dict]:
@@ -13,7 +14,7 @@ def run(tmp_path, monkeypatch, *argv: str) -> tuple[int, dict]:
     # the children inherit it: tiny models gain nothing from threads, which only add noise on a busy machine
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     rc = bench.run(parser.parse_args(["--quick", "--out", str(tmp_path), *argv]))
-    return rc, json.loads((tmp_path / f"train-{bench.device_slug()}.json").read_text())
+    return rc, json.loads((tmp_path / f"train-{device_slug()}.json").read_text())
 
 
 def test_quick_run_writes_a_row_per_mode_ratios_and_png(tmp_path, monkeypatch):
@@ -30,7 +31,7 @@ def test_quick_run_writes_a_row_per_mode_ratios_and_png(tmp_path, monkeypatch):
     assert data["compiled_vs_eager"]["transformer"] > 0
     assert set(data["checkpointed_vs_eager"]["transformer"]) == {"step_time", "peak_memory", "peak_above_base"}
     assert data["checkpointed_vs_eager"]["transformer"]["peak_memory"] > 0
-    stem = tmp_path / f"train-{bench.device_slug()}"
+    stem = tmp_path / f"train-{device_slug()}"
     assert len(stem.with_suffix(".jsonl").read_text().splitlines()) == 1 + len(rows)
     assert stem.with_suffix(".png").stat().st_size > 0
 

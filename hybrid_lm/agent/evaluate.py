@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from hybrid_lm.bench.common import default_device, device_name, pyplot, save_figure, vllm_version
 from hybrid_lm.cli import non_negative_float, positive_int
 
 from .demos import progress_bar, success_table, task_list
@@ -34,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/agent/eval"), help="output folder")
     parser.add_argument("--pool", type=positive_int, default=8, help="browsers in flight (default: 8)")
     parser.add_argument("--step-cap", type=positive_int, default=MAX_STEPS, help="steps per episode (default: 8)")
-    parser.add_argument("--temperature", type=non_negative_float, default=0.0, help="sampling temperature (default: 0, greedy)")
+    parser.add_argument("--temperature", type=non_negative_float, default=0.0,
+                        help="sampling temperature (default: 0, greedy)")
     parser.add_argument("--max-obs-tokens", type=positive_int, default=MAX_OBS_TOKENS)
     parser.add_argument("--max-action-tokens", type=positive_int, default=MAX_ACTION_TOKENS)
 
@@ -61,8 +63,7 @@ def evaluate(policy: str, tasks: list[str], episodes: int, pool: int = 8, step_c
 
 
 def run(args: argparse.Namespace) -> int:
-    from hybrid_lm.bench.kernels import device_name
-    from hybrid_lm.bench.vllm_engine import require_vllm, vllm_version
+    from hybrid_lm.bench.vllm_engine import require_vllm
 
     from .env import check_tasks
 
@@ -81,8 +82,8 @@ def run(args: argparse.Namespace) -> int:
               "episodes_per_task": args.episodes, "seeds": [EVAL_SEED, EVAL_SEED + args.episodes - 1],
               "step_cap": args.step_cap, "temperature": args.temperature, "max_obs_tokens": args.max_obs_tokens,
               "max_action_tokens": args.max_action_tokens, "seconds": round(seconds, 1),
-              "device": device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu")), "versions": {"torch": torch.__version__, "vllm": vllm_version(),
-                                                    "python": platform.python_version()}}
+              "device": device_name(default_device()),
+              "versions": {"torch": torch.__version__, "vllm": vllm_version(), "python": platform.python_version()}}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     with (args.out / "episodes.jsonl").open("w") as f:
@@ -96,11 +97,8 @@ def run(args: argparse.Namespace) -> int:
 
 def plot(per_task: dict, path: Path, title: str) -> None:
     """Success per task as bars; skipped without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(max(5, 0.7 * len(per_task)), 3.5))
     ax.bar(range(len(per_task)), [r["success"] for r in per_task.values()])
@@ -109,6 +107,4 @@ def plot(per_task: dict, path: Path, title: str) -> None:
     ax.set_ylabel("success")
     ax.set_title(title, fontsize=9)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

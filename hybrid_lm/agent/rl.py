@@ -38,6 +38,7 @@ from typing import Iterator, Optional
 
 import torch
 
+from hybrid_lm.bench.common import pyplot, save_figure
 from hybrid_lm.cli import non_negative_float, non_negative_int, positive_float, positive_int
 from hybrid_lm.train import checkpoint
 
@@ -214,13 +215,8 @@ def read_metrics(path: Path) -> list[dict]:
 def plot_curve(metrics_path: Path, png: Path, window: int = 5) -> None:
     """Success rate per step and its running mean over `window` steps; skipped without matplotlib."""
     rows = read_metrics(metrics_path)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    if not rows:
+    plt = pyplot()
+    if plt is None or not rows:
         return
     steps = [r["step"] for r in rows]
     rate = [r["success_rate"] for r in rows]
@@ -234,9 +230,7 @@ def plot_curve(metrics_path: Path, png: Path, window: int = 5) -> None:
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    save_figure(fig, png)
 
 
 def last_checkpoint(folder: Path) -> Optional[Path]:

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from hybrid_lm.train import checkpoint, data, optim, pretrain
-from hybrid_lm.train.distill import IGNORE, RowCursor
+from hybrid_lm.train.distill import RowCursor
+from hybrid_lm.train.losses import IGNORE
 
 from hybrid_lm.cli import non_negative_int, positive_float, positive_int
 from .episodes import MAX_OBS_TOKENS, Episode, encode_episode
@@ -154,4 +155,5 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"behaviour cloning {args.policy} ({model.config.arch}) on {len(train)} demonstrations "
           f"({len(held_out)} held out), {args.seq_len} tokens each on average")
-    return pretrain.train_loop(args, model, optimizer, rows, tokenizer, out, state, device, 1, True, loss_fn, eval_fn)
+    job = pretrain.Run(rank=0, world=1, device=device, out=out, resume_from=resume_from)
+    return pretrain.train_loop(args, job, model, optimizer, rows, tokenizer, state, loss_fn, eval_fn)

@@ -2,9 +2,9 @@
 
 One dial sets the size, as in nanochat: `depth` layers of width 128 * depth, head dim 128,
 2:1 GQA, SwiGLU of 4x width (the SambaY scaling study ties width to depth this way; at d20 the
-LRT's shared feedback projections are about 0.3% of the parameters, as DESIGN.md says).
+LRT's shared feedback projections are about 0.3% of the parameters, see docs/models.md).
 `phi4-mini-flash` is the released Phi-4-mini-flash-reasoning size; for `sambay-da` it is that
-architecture exactly (see shared/PHI4_FLASH.md), for the other archs the same dimensions.
+architecture exactly (see docs/phi4flash.md), for the other archs the same dimensions.
 """
 from __future__ import annotations
 
@@ -158,8 +158,6 @@ def preset_fields(arch: str, preset: str) -> dict:
         fields.update(rope_theta=None, qk_norm=False)
     if arch == "sambay-da":
         fields["differential_attention"] = True
-    if arch == "samba":
-        fields.setdefault("rope_theta", 10000.0)
     return fields
 
 

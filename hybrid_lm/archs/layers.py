@@ -1,7 +1,7 @@
 """Layers shared by every architecture: norms, SwiGLU MLP, attention (full, sliding, cross,
 differential), the Mamba-1 mixer and the GMU, on hybrid_lm.kernels.
 
-Tensor names follow the released Phi-4-mini-flash checkpoint (shared/PHI4_FLASH.md) so its
+Tensor names follow the released Phi-4-mini-flash checkpoint (docs/phi4flash.md) so its
 weights load as they are: a layer's mixer is `attn` (whatever it is), attention projections are
 a fused `Wqkv` and `out_proj`, the MLP is `fc1` (gate | up) and `fc2`.
 
@@ -12,7 +12,7 @@ cache. Slots count tokens fed to the model, padding included; positions count re
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -47,9 +47,13 @@ class Step:
     size 1, no cache), attention stays within a document and Mamba restarts its state at each.
     hidden_states / attentions: lists that the decoder layers and attention layers append to when
     the caller asked for them (output_hidden_states / output_attentions), else None.
+
+    Serving (`Step.serving`, hybrid_lm.serve) sets positions only: vLLM's metadata holds slots,
+    validity and state. LRT's passes there also set rows ([n] the pass's tokens among the batch's
+    N) and kv (per layer, the batch's latest (k, v), None before the first pass).
     """
 
-    def __init__(self, slots: Tensor, valid: Optional[Tensor], positions: Tensor,
+    def __init__(self, slots: Optional[Tensor], valid: Optional[Tensor], positions: Tensor,
                  cache: Optional[HybridCache] = None, cu_seqlens: Optional[Tensor] = None,
                  docs: Optional[Tensor] = None) -> None:
         self.slots, self.valid, self.positions, self.cache = slots, valid, positions, cache
@@ -59,6 +63,13 @@ class Step:
         self.last_only = False
         self.hidden_states: Optional[list[Tensor]] = None
         self.attentions: Optional[list[Tensor]] = None
+        self.rows: Optional[Tensor] = None
+        self.kv: Optional[list[Optional[tuple[Tensor, Tensor]]]] = None
+
+    @classmethod
+    def serving(cls, positions: Tensor) -> "Step":
+        """The step of one vLLM forward over its flat batch: positions [N] (as a batch of one row)."""
+        return cls(None, None, positions[None])
 
     @property
     def recording(self) -> bool:
@@ -205,7 +216,8 @@ class Attention(nn.Module):
         self.Wqkv = nn.Linear(config.hidden_size, out, bias=config.attention_bias)
         self.out_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.attention_bias)
         self.qk_norm, self.rope_theta, self.eps = config.qk_norm, config.rope_theta, config.norm_eps
-        if config.differential_attention:
+        self.differential = config.differential_attention
+        if self.differential:
             self.inner_cross_attn = DifferentialCore(config, layer_idx)
 
     def _q(self, x: Tensor, positions: Tensor) -> Tensor:
@@ -229,7 +241,7 @@ class Attention(nn.Module):
         """Attention of the queries at q_slots over the keys at k_slots (causal, window, padding);
         differential or plain; returns [B, Tq, H * Dh]. maps: a list to append the attention map
         [B, H, Tq, Tk] to (output_attentions; the keys in the order the cache holds them)."""
-        if hasattr(self, "inner_cross_attn"):
+        if self.differential:
             mask = attention_mask(q_slots, k_slots, valid, window, docs)
             return self.inner_cross_attn(q, k, v, mask, maps).flatten(2)
         if maps is not None:
@@ -339,3 +351,16 @@ class GMU(nn.Module):
     def forward(self, x: Tensor, step: Step) -> Tensor:
         memory = step.memory[:, -x.shape[1]:]  # the last token only in prefill
         return self.out_proj(K.gmu(self.in_proj(x), memory.to(x.dtype)))
+
+
+class LayerFactory(Protocol):
+    """The mixer classes a family's layout is built from (hybrid_lm.archs.samba): this module
+    itself for transformers, hybrid_lm.serve.layers.PagedLayerFactory for vLLM (the same layers
+    over vLLM's paged cache and state slots)."""
+
+    def Mamba(self, config: HybridConfig, layer_idx: int) -> Mamba: ...
+
+    def Attention(self, config: HybridConfig, layer_idx: int, window: Optional[int] = None, cross: bool = False,
+                  shares_kv: bool = False) -> Attention: ...
+
+    def GMU(self, config: HybridConfig) -> GMU: ...

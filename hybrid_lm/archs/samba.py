@@ -1,7 +1,7 @@
 """Samba and SambaY (SambaY-DA with differential attention), one family.
 
 Samba: Mamba and sliding-window attention alternate (even layers Mamba).
-SambaY with L layers (DESIGN.md): layers 0..L/2-1 are a Samba self-decoder; layer L/2 is a Mamba
+SambaY with L layers (docs/models.md): layers 0..L/2-1 are a Samba self-decoder; layer L/2 is a Mamba
 whose pre-gate scan output is the GMU memory; layer L/2+1 is the only full-attention layer and
 its K,V are the shared cache; the cross-decoder L/2+2..L-1 alternates GMU (even) and
 cross-attention (odd) layers that read that memory and that K,V and keep no cache of their own.
@@ -11,20 +11,19 @@ runs on that token alone: the prompt costs one layer's K,V beyond the linear sel
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
-
 import torch
 from torch import nn
 
-from . import layers as hf_layers
+from . import layers as arch_layers
 from .config import SambaConfig, SambaYConfig
-from .layers import Step
+from .layers import LayerFactory, Step
 from .model import HybridForCausalLM, HybridModel, run_decoder_layers
 
 Tensor = torch.Tensor
 
 
-def samba_mixers(config: SambaConfig, make: Any = hf_layers, layers: range | None = None) -> list[nn.Module]:
+def samba_mixers(config: SambaConfig, make: LayerFactory = arch_layers, layers: range | None = None
+                 ) -> list[nn.Module]:
     """Samba's mixers: Mamba on even layers, sliding-window attention on odd ones. `make` provides
     the classes Mamba, Attention and GMU (ours, or vLLM's in hybrid_lm.serve)."""
     layers = range(config.num_hidden_layers) if layers is None else layers
@@ -32,7 +31,7 @@ def samba_mixers(config: SambaConfig, make: Any = hf_layers, layers: range | Non
             for i in layers]
 
 
-def sambay_mixers(config: SambaYConfig, make: Any = hf_layers) -> list[nn.Module]:
+def sambay_mixers(config: SambaYConfig, make: LayerFactory = arch_layers) -> list[nn.Module]:
     """SambaY's mixers: a Samba self-decoder, the memory Mamba, the shared full attention, then
     GMU (even) and cross-attention (odd) layers."""
     L = config.num_hidden_layers

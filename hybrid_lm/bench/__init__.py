@@ -1,1 +1,1 @@
-"""Benchmarks behind `hybrid-lm bench`: one module per benchmark (kernels, ...)."""
+"""Benchmarks behind `hybrid-lm bench`: one module per benchmark (kernels, ...); common.py holds what they share."""

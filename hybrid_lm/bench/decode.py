@@ -40,19 +40,17 @@ Output in --out: decode-<device>.jsonl (a meta line, then each row as it is meas
 off by a time limit still leaves results), decode-<device>.json (meta, the SambaY / Transformer
 throughput ratios, all rows) and decode-<device>.png (tokens/s and cache bytes versus generated
 length, per batch size). The table and the ratios are printed last. An architecture that fails to
-build or run (e.g. one not implemented yet) becomes an error row and the sweep goes on.
+build or run (a bad config, an error in its code, out of memory) becomes an error row and the sweep
+goes on.
 """
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
-import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple, Optional, Union
+from typing import Callable, Iterator, NamedTuple, Union
 
 import torch
 
@@ -60,7 +58,9 @@ import hybrid_lm
 from hybrid_lm.cli import non_negative_int, positive_int
 
 from . import vllm_engine
-from .kernels import add_arch_arguments, chosen_archs, device_name, device_slug, free_memory, progress
+from .common import (add_arch_arguments, chosen_archs, default_device, free_memory, jsonl_writer, model_dtype,
+                     progress, pyplot, report_failure, results_stem, run_meta, save_figure, vllm_version,
+                     write_json)
 
 
 class Sweep(NamedTuple):
@@ -232,7 +232,7 @@ def bench_arch(arch: str, sweep: Sweep, device: torch.device, dtype: torch.dtype
     try:
         model = build_model(arch, sweep.preset, device, dtype)
         row["params"] = sum(p.numel() for p in model.parameters())
-    except Exception as e:  # an architecture not implemented yet, or a bad config
+    except Exception as e:  # a bad config, an error in the model's code, no memory left for the weights
         for batch in sweep.batch_sizes:
             emit(dict(row, batch=batch, status="error", error=f"build: {type(e).__name__}: {e}"))
             bar.update(n_stops)
@@ -312,8 +312,7 @@ def print_table(rows: list) -> None:
           f"{'cache MiB':>10} {'vs tf':>6}")
     for r in rows:
         line = f"{r['arch']:12} {r['batch']:5d} {r['prompt_len']:6d}"
-        if r["status"] != "ok":
-            print(f"{line} {r['status']}: {r['error'][:100]}")
+        if report_failure(line, r):
             continue
         mine = tf.get((r["batch"], r["generated"]))
         vs = f"{r['tokens_per_s'] / mine:.2f}x" if mine and r["arch"] != "transformer" else ""
@@ -332,8 +331,7 @@ def print_prefill(prefill: list) -> None:
           f"{'prefill tok/s':>13} {'+16 tokens s':>12}")
     for r in prefill:
         line = f"{'':15}{r['arch']:12} {str(r['fast_prefill']):>12} {r['prompt_len']:6d}"
-        if r["status"] != "ok":
-            print(f"{line} {r['status']}: {r['error'][:100]}")
+        if report_failure(line, r):
             continue
         print(f"{line} {r['first_token_s']:13.3f} {r['prefill_tokens_per_s']:13.1f} {r['total_s']:12.3f}")
     for arch, x in fast_prefill_speedups(prefill).items():
@@ -343,14 +341,9 @@ def print_prefill(prefill: list) -> None:
 def plot(rows: list, title: str, path: Path) -> bool:
     """Per batch size: tokens/s (solid: last steps, dashed: cumulative) and cache bytes versus
     generated length, one colour per architecture."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
     ok = [r for r in rows if r["status"] == "ok"]
-    if not ok:
+    plt = pyplot()
+    if plt is None or not ok:
         return False
     batches = list(dict.fromkeys(r["batch"] for r in ok))
     archs = list(dict.fromkeys(r["arch"] for r in rows))  # colours stay put when an arch is missing
@@ -374,17 +367,7 @@ def plot(rows: list, title: str, path: Path) -> bool:
         for ax in (speed, memory):
             ax.legend(fontsize=8)
             ax.grid(alpha=0.3)
-    fig.suptitle(title, fontsize=11)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
-def _version(package: str) -> Optional[str]:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
+    return save_figure(fig, path, title)
 
 
 def model_sizes(arch: str, preset: str) -> dict:
@@ -398,22 +381,18 @@ def model_sizes(arch: str, preset: str) -> dict:
 
 def meta(device: torch.device, dtype: torch.dtype, sweep: Sweep, archs: list, quick: bool) -> dict:
     stops = checkpoints(sweep.gen_len)
-    return {
-        "device": device_name(device), "device_slug": device_slug(device), "device_type": device.type,
-        "torch": torch.__version__, "triton": _version("triton"), "transformers": _version("transformers"),
-        "python": platform.python_version(), "cuda": torch.version.cuda, "cpu_threads": torch.get_num_threads(),
-        "load_avg_1min": os.getloadavg()[0],  # CPU timings on a busy machine mean little
-        "dtype": str(dtype).removeprefix("torch."), "preset": sweep.preset, "archs": archs,
-        "models": {arch: model_sizes(arch, sweep.preset) for arch in archs},
-        "prompt_len": sweep.prompt_len, "gen_len": sweep.gen_len, "batch_sizes": list(sweep.batch_sizes),
-        "checkpoints": stops, "window_steps": min(WINDOW_STEPS, stops[0]), "quick": quick, "seed": SEED,
-        "decode_step": DECODE_STEP["cuda" if device.type == "cuda" else "cpu"],
-        "timing": ("CUDA events between decode steps, one synchronize per checkpoint" if device.type == "cuda"
-                   else "perf_counter"),
-        "memory_guard": f"rows whose estimated peak exceeds {MEM_SHARE:.0%} of free GPU memory are skipped",
-        "HYBRID_LM_BACKEND": os.environ.get("HYBRID_LM_BACKEND"),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv,
-    }
+    return run_meta(
+        device, packages=("triton", "transformers"), device_type=device.type, cpu_threads=torch.get_num_threads(),
+        load_avg_1min=os.getloadavg()[0],  # CPU timings on a busy machine mean little
+        dtype=str(dtype).removeprefix("torch."), preset=sweep.preset, archs=archs,
+        models={arch: model_sizes(arch, sweep.preset) for arch in archs},
+        prompt_len=sweep.prompt_len, gen_len=sweep.gen_len, batch_sizes=list(sweep.batch_sizes),
+        checkpoints=stops, window_steps=min(WINDOW_STEPS, stops[0]), quick=quick, seed=SEED,
+        decode_step=DECODE_STEP["cuda" if device.type == "cuda" else "cpu"],
+        timing=("CUDA events between decode steps, one synchronize per checkpoint" if device.type == "cuda"
+                else "perf_counter"),
+        memory_guard=f"rows whose estimated peak exceeds {MEM_SHARE:.0%} of free GPU memory are skipped",
+        HYBRID_LM_BACKEND=os.environ.get("HYBRID_LM_BACKEND"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -448,21 +427,18 @@ def run(args: argparse.Namespace) -> int:
     archs = chosen_archs(args.archs, DEFAULT_ARCHS)
     if archs is None:
         return 2
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     default = SWEEPS["quick" if args.quick else "gpu" if device.type == "cuda" else "cpu"]
     sweep = Sweep(args.preset or default.preset, args.prompt_len or default.prompt_len,
                   args.gen_len or default.gen_len, tuple(args.batch_sizes or default.batch_sizes))
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    slug = device_slug(device)
-    out = args.out or Path("benchmarks/results") / slug
-    out.mkdir(parents=True, exist_ok=True)
+    dtype = model_dtype(device)
     vllm = args.engine == "vllm"
+    stem = results_stem(args.out, "decode-vllm" if vllm else "decode", device)
     if vllm:
         vllm_engine.require_vllm()
-    stem = out / f"decode{'-vllm' if vllm else ''}-{slug}"
 
     info = meta(device, dtype, sweep, archs, args.quick)
-    info.update(engine=args.engine, vllm=vllm_engine.vllm_version() if vllm else None)
+    info.update(engine=args.engine, vllm=vllm_version() if vllm else None)
     prefill, prefill_len = [], 0
     if vllm:
         info["decode_step"] = vllm_engine.DECODE_ROW
@@ -472,21 +448,17 @@ def run(args: argparse.Namespace) -> int:
           f"{sweep.gen_len} generated, batch {', '.join(map(str, sweep.batch_sizes))}; torch {info['torch']}")
     rows = []
     bar = progress(len(archs) * len(sweep.batch_sizes) * len(checkpoints(sweep.gen_len)))
-    with open(f"{stem}.jsonl", "w") as jsonl:
-        jsonl.write(json.dumps({"meta": info}) + "\n")
-
+    with jsonl_writer(stem, info) as write:
         def emit(row: dict) -> None:
             row = {k: row.get(k) for k in FIELDS}
             rows.append(row)
-            jsonl.write(json.dumps(row) + "\n")
-            jsonl.flush()
+            write(row)
             if row["status"] == "error":
                 bar.write(f"error: {row['arch']} batch {row['batch']}: {row['error'][:300]}")
 
         def emit_prefill(row: dict) -> None:
             prefill.append(row)
-            jsonl.write(json.dumps({"prefill_point": row}) + "\n")
-            jsonl.flush()
+            write({"prefill_point": row})
 
         for arch in archs:
             if vllm:
@@ -497,15 +469,14 @@ def run(args: argparse.Namespace) -> int:
         bar.close()
 
     summary = ratios(rows)
-    result = {"meta": info, "sambay_vs_transformer": summary, "rows": rows}
-    if vllm:
-        result.update(prefill_point=prefill, fast_prefill_speedup=fast_prefill_speedups(prefill))
-    Path(f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    points = dict(prefill_point=prefill, fast_prefill_speedup=fast_prefill_speedups(prefill)) if vllm else {}
+    write_json(stem, info, rows, sambay_vs_transformer=summary, **points)
     print_table(rows)
     if prefill:
         print_prefill(prefill)
     step = "vLLM" if vllm else "CUDA-graph decode step" if device.type == "cuda" else "eager decode step"
-    title = f"hybrid-lm decode, {info['device']}, {info['dtype']}, {sweep.preset} models, prompt {sweep.prompt_len}, {step}"
+    title = (f"hybrid-lm decode, {info['device']}, {info['dtype']}, {sweep.preset} models, prompt {sweep.prompt_len}, "
+             f"{step}")
     wrote_png = plot(rows, title, Path(f"{stem}.png"))
     print(f"wrote {stem}.json, {stem}.jsonl"
           + (f", {stem}.png" if wrote_png else " (no PNG: matplotlib missing, or no row ran)"))

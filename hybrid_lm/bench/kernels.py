@@ -30,39 +30,37 @@ path takes a transposed view of our [B, T, D] tensors and SDPA a transposed view
 output (brought back to our layout) against the reference's, where the reference ran at that size.
 
 Output in --out: kernels-<device>.jsonl (a meta line, then each row as it is measured, so a run
-cut off by a time limit still leaves results), kernels-<device>.json (meta, the issue's targets
-met or missed, all rows) and kernels-<device>.png (GB/s per op, ours vs baselines, copy bandwidth
-dashed). The table and the targets are printed last. tqdm and matplotlib are optional: without
-them there is no progress bar or no PNG.
+cut off by a time limit still leaves results), kernels-<device>.json (meta, the targets met or
+missed: TARGETS below, docs/benchmarks.md; all rows) and kernels-<device>.png (GB/s per op, ours
+vs baselines, copy bandwidth dashed). The table and the targets are printed last. matplotlib is
+optional: without it there is no PNG.
 """
 from __future__ import annotations
 
 import argparse
 import functools
-import gc
 import importlib
-import importlib.metadata
 import importlib.util
-import json
 import math
 import os
-import platform
-import re
 import statistics
 import sys
 import time
 import types
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional
 
 import torch
+
+from .common import (add_out_argument, chosen, default_device, free_memory, jsonl_writer, package_version, progress,
+                     pyplot, report_failure, results_stem, run_meta, save_figure, write_json)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TRAIN = ("fwd", "bwd", "fwd+bwd")
 DECODE = ("decode",)
 IMPL_ORDER = ("ours", "reference", "mamba_ssm", "causal_conv1d", "torch_sdpa")
-# the issue's targets: the scan's fwd+bwd at least as fast as mamba-ssm's CUDA scan at the big size,
-# and both decode updates at batch 256 at 80%+ of the measured copy bandwidth
+# the targets (docs/benchmarks.md): the scan's fwd+bwd at least as fast as mamba-ssm's CUDA scan at
+# the big size, and both decode updates at batch 256 at 80%+ of the measured copy bandwidth
 TARGETS = [("selective_scan", "fwd+bwd", dict(B=8, T=4096, Dm=4096, N=16), "mamba_ssm"),
            ("selective_state_update", "decode", dict(B=256, Dm=4096, N=16), 0.8),
            ("causal_conv1d_update", "decode", dict(B=256, D=4096, W=4), 0.8)]
@@ -123,10 +121,7 @@ def optional_module(name: str) -> tuple[Optional[types.ModuleType], str]:
             mod = _import_skipping_init(name, top)
         except Exception as e2:
             return None, f"{why}; with its package __init__ skipped: {type(e2).__name__}: {e2}"
-    try:
-        return mod, importlib.metadata.version(top)
-    except importlib.metadata.PackageNotFoundError:
-        return mod, "unknown"
+    return mod, package_version(top) or "unknown"
 
 
 def _import_skipping_init(name: str, top: str) -> types.ModuleType:
@@ -460,49 +455,6 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 # the run
 # ---------------------------------------------------------------------------------------------
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {platform.machine()}"
-
-
-def device_slug(device: Optional[torch.device] = None) -> str:
-    """The device name as used in result file names, e.g. 'nvidia-h100-80gb-hbm3'."""
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
-
-
-def chosen(flag: str, requested: Optional[Sequence[str]], default: Sequence[str], known: Sequence[str]
-           ) -> Optional[list[str]]:
-    """A list option (space or comma separated) as a list, or None after naming the unknown ones."""
-    values = [v for arg in (requested or default) for v in arg.split(",") if v]
-    unknown = [v for v in values if v not in known]
-    if unknown:
-        print(f"{flag}: unknown {', '.join(unknown)}; choose from {', '.join(known)}", file=sys.stderr)
-        return None
-    return values
-
-
-def chosen_archs(requested: Optional[Sequence[str]], default: Sequence[str]) -> Optional[list[str]]:
-    """--archs as a list (space or comma separated), or None after naming the unknown ones."""
-    from hybrid_lm.archs import ARCHS
-
-    return chosen("--archs", requested, default, ARCHS)
-
-
-def add_arch_arguments(parser: argparse.ArgumentParser, archs: Sequence[str], gpu_preset: str,
-                       cpu_preset: str) -> None:
-    """--out, --archs and --preset, shared by the model benchmarks (decode, train)."""
-    from hybrid_lm.archs.config import PRESETS  # here: the kernel benchmark itself needs no models
-
-    parser.add_argument("--out", type=Path, default=None,
-                        help="output folder (default: benchmarks/results/<device-name-slug>)")
-    parser.add_argument("--archs", nargs="+", default=None, metavar="ARCH",
-                        help=f"architectures, space or comma separated (default: {' '.join(archs)})")
-    parser.add_argument("--preset", choices=PRESETS, default=None,
-                        help=f"model size for every arch (default: {gpu_preset} on a GPU, {cpu_preset} on a CPU)")
-
-
 def sizes_str(s: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in s.items() if v is not None)
 
@@ -522,55 +474,12 @@ def meta(device: torch.device, dtype: str, copy_gbps: float, ops: list, quick: b
     for name, module in (("mamba_ssm", "mamba_ssm.ops.selective_scan_interface"), ("causal_conv1d", "causal_conv1d")):
         mod, info = optional_module(module)
         baselines[name] = {"version": info, "error": None} if mod else {"version": None, "error": info}
-    try:
-        triton_version = importlib.metadata.version("triton")
-    except importlib.metadata.PackageNotFoundError:
-        triton_version = None
-    return {
-        "device": device_name(device), "device_slug": device_slug(device), "device_type": device.type,
-        "torch": torch.__version__, "triton": triton_version, "python": platform.python_version(),
-        "cuda": torch.version.cuda, "baselines": baselines, "copy_gbps": copy_gbps,
-        "dtype": dtype, "quick": quick, "ops": ops, "HYBRID_LM_BACKEND": os.environ.get("HYBRID_LM_BACKEND"),
-        "timing": ("triton.testing.do_bench, median, L2 flushed before each call" if device.type == "cuda"
-                   else "CPU perf_counter median; references only"),
-        "bytes_models": {op: " ".join(OPS[op].bytes.__doc__.split()) for op in ops},
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv,
-    }
-
-
-class _PlainProgress:
-    """Stand-in for tqdm where it is not installed: one line per row."""
-
-    def __init__(self, total: int):
-        self.n, self.total = 0, total
-
-    def set_postfix_str(self, s: str, refresh: bool = True) -> None:
-        print(f"[{self.n + 1}/{self.total}] {s}", flush=True)
-
-    def update(self, k: int) -> None:
-        self.n += k
-
-    def write(self, s: str) -> None:
-        print(s, flush=True)
-
-    def close(self) -> None:
-        pass
-
-
-def progress(total: int):
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return _PlainProgress(total)
-    # in a log (the GPU script tees it) a bar redrawn per row would bury the table
-    return tqdm(total=total, unit="row", dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 15)
-
-
-def free_memory(device: torch.device) -> None:
-    """Drop garbage and cached GPU blocks between rows, so one row's memory does not skew the next."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    return run_meta(
+        device, packages=("triton",), device_type=device.type, baselines=baselines, copy_gbps=copy_gbps, dtype=dtype,
+        quick=quick, ops=ops, HYBRID_LM_BACKEND=os.environ.get("HYBRID_LM_BACKEND"),
+        timing=("triton.testing.do_bench, median, L2 flushed before each call" if device.type == "cuda"
+                else "CPU perf_counter median; references only"),
+        bytes_models={op: " ".join(OPS[op].bytes.__doc__.split()) for op in ops})
 
 
 def measure_case(op: str, s: dict, impls: dict, device: torch.device, dtype: str, copy_gbps: float,
@@ -644,8 +553,7 @@ def print_table(rows: list) -> None:
           f"{'t/ours':>7} {'rel_err':>8}")
     for r in rows:
         line = f"{r['op']:22} {r['pass']:8} {sizes_str(r['sizes']):38} {r['impl']:14}"
-        if r["status"] != "ok":
-            print(f"{line} {r['status']}: {r['error'][:80]}")
+        if report_failure(line, r, width=80):
             continue
         mine = ours_ms.get(key(r))
         vs = f"{r['time_ms'] / mine:.2f}x" if mine and r["impl"] != "ours" else ""
@@ -677,11 +585,8 @@ def check_targets(rows: list) -> list:
 
 def plot(rows: list, copy_gbps: float, title: str, path: Path) -> bool:
     """Bar chart per op: GB/s of each implementation per (pass, sizes), copy bandwidth dashed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     ok = [r for r in rows if r["status"] == "ok"]
     ops = [op for op in OPS if any(r["op"] == op for r in ok)]
@@ -703,16 +608,12 @@ def plot(rows: list, copy_gbps: float, title: str, path: Path) -> bool:
         ax.set_title(op, fontsize=10)
         ax.set_xticks(range(len(groups)), [f"{p_}\n{s_}" for p_, s_ in groups], fontsize=7)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.suptitle(title, fontsize=11)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path, title)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `hybrid-lm bench kernels`."""
-    parser.add_argument("--out", type=Path, default=None,
-                        help="output folder (default: benchmarks/results/<device-name-slug>)")
+    add_out_argument(parser)
     parser.add_argument("--ops", nargs="+", default=None, metavar="OP",
                         help=f"ops to run, space or comma separated (default: all of {', '.join(OPS)})")
     parser.add_argument("--quick", action="store_true", help="the tiny sweep (always the case on a CPU)")
@@ -721,12 +622,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark; 0 when every row ran (skips included), 1 when any row failed."""
-    ops = [o for a in (args.ops or list(OPS)) for o in a.split(",") if o]
-    unknown = [o for o in ops if o not in OPS]
-    if unknown:
-        print(f"--ops: unknown {', '.join(unknown)}; choose from {', '.join(OPS)}", file=sys.stderr)
+    ops = chosen("--ops", args.ops, list(OPS), list(OPS))
+    if ops is None:
         return 2
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     on_gpu = device.type == "cuda"
     quick = args.quick or not on_gpu
     if not on_gpu:
@@ -734,10 +633,7 @@ def run(args: argparse.Namespace) -> int:
               "interpreted on a CPU and their times would mean nothing.")
     if os.environ.get("HYBRID_LM_BACKEND", "auto") != "auto":
         print(f"warning: HYBRID_LM_BACKEND={os.environ['HYBRID_LM_BACKEND']} changes what 'ours' runs")
-    slug = device_slug(device)
-    out = args.out or Path("benchmarks/results") / slug
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"kernels-{slug}"
+    stem = results_stem(args.out, "kernels", device)
 
     copy_gbps = copy_bandwidth(device)
     info = meta(device, args.dtype, copy_gbps, ops, quick)
@@ -745,13 +641,10 @@ def run(args: argparse.Namespace) -> int:
           + ", ".join(f"{k} {v['version'] or 'unavailable'}" for k, v in info["baselines"].items()))
     plan = [(op, s, impls_for(op, s, on_gpu)) for op in ops for s in OPS[op].sizes(quick)]
     rows = []
-    with open(f"{stem}.jsonl", "w") as jsonl:
-        jsonl.write(json.dumps({"meta": info}) + "\n")
-
+    with jsonl_writer(stem, info) as write:
         def emit(row: dict) -> None:
             rows.append(row)
-            jsonl.write(json.dumps(row) + "\n")
-            jsonl.flush()
+            write(row)
 
         bar = progress(sum(len(impls) * len(OPS[op].passes) for op, _, impls in plan))
         for op, s, impls in plan:
@@ -759,7 +652,7 @@ def run(args: argparse.Namespace) -> int:
         bar.close()
 
     goals = check_targets(rows)
-    Path(f"{stem}.json").write_text(json.dumps({"meta": info, "targets": goals, "rows": rows}, indent=1) + "\n")
+    write_json(stem, info, rows, targets=goals)
     print_table(rows)
     title = f"hybrid-lm kernels, {info['device']}, {args.dtype}" + (" (CPU: references only)" if not on_gpu else "")
     wrote_png = plot(rows, copy_gbps, title, Path(f"{stem}.png"))

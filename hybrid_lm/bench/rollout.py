@@ -21,7 +21,6 @@ tokens/s, prompt tokens computed vs cached, state memory).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -30,12 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
-from . import vllm_engine
 from hybrid_lm.cli import positive_int
 
+from . import vllm_engine
+from .common import (add_arch_arguments, chosen_archs, default_device, jsonl_writer, model_dtype, progress, pyplot,
+                     results_stem, run_meta, save_figure, vllm_version, write_json)
 from .decode import model_sizes
-from .kernels import add_arch_arguments, chosen_archs, device_name, device_slug, progress
 
 DEFAULT_ARCHS = ("transformer", "samba", "sambay", "lrt")
 # (preset, sessions, turns, observation tokens, action tokens)
@@ -114,13 +113,8 @@ def print_table(rows: list) -> None:
 
 def plot(rows: list, title: str, path: Path) -> bool:
     ok = [r for r in rows if r.get("status") == "ok"]
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    if not ok:
+    plt = pyplot()
+    if plt is None or not ok:
         return False
     fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
     for r in ok:
@@ -138,11 +132,7 @@ def plot(rows: list, title: str, path: Path) -> bool:
     axes[2].legend()
     axes[3].bar(names, [r["peak_state_bytes"] / 2**20 for r in ok])
     axes[3].set(ylabel="MiB", title="peak serving state (all sessions)")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path, title)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -150,8 +140,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     gpu, cpu = DEFAULTS["gpu"], DEFAULTS["cpu"]
     add_arch_arguments(parser, DEFAULT_ARCHS, gpu[0], cpu[0])
     for flag, i, what in (("--sessions", 1, "concurrent sessions"), ("--turns", 2, "turns per session"),
-                          ("--obs-tokens", 3, "observation tokens per turn"), ("--action-tokens", 4, "action tokens per turn")):
-        parser.add_argument(flag, type=positive_int, default=None, help=f"{what} (default: {gpu[i]} on a GPU, {cpu[i]} on a CPU)")
+                          ("--obs-tokens", 3, "observation tokens per turn"),
+                          ("--action-tokens", 4, "action tokens per turn")):
+        parser.add_argument(flag, type=positive_int, default=None,
+                            help=f"{what} (default: {gpu[i]} on a GPU, {cpu[i]} on a CPU)")
     parser.add_argument("--quick", action="store_true", help="the test sizes: " + " ".join(map(str, DEFAULTS["quick"])))
     parser.add_argument("--eager", action="store_true", help=vllm_engine.EAGER_HELP)
 
@@ -162,28 +154,23 @@ def run(args: argparse.Namespace) -> int:
     archs = chosen_archs(args.archs, DEFAULT_ARCHS)
     if archs is None:
         return 2
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     d = DEFAULTS["quick" if args.quick else "gpu" if device.type == "cuda" else "cpu"]
     preset = args.preset or d[0]
     sessions, turns = args.sessions or d[1], args.turns or d[2]
     obs, act = args.obs_tokens or d[3], args.action_tokens or d[4]
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    slug = device_slug(device)
-    out = args.out or Path("benchmarks/results") / slug
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"rollout-{slug}"
-    info = dict(device=device_name(device), torch=torch.__version__, vllm=vllm_engine.vllm_version(),
-                dtype=str(dtype).removeprefix("torch."), preset=preset, archs=archs,
-                models={a: model_sizes(a, preset) for a in archs}, sessions=sessions, turns=turns, obs_tokens=obs,
-                action_tokens=act, eager=args.eager, started=time.strftime("%Y-%m-%dT%H:%M:%S%z"), argv=sys.argv,
-                load_avg_1min=os.getloadavg()[0],  # CPU timings on a busy machine mean little
-                workload=__doc__.split("\n\n")[1].replace("\n", " "))
-    print(f"{info['device']}, {info['dtype']}, vLLM {info['vllm']}: {preset} models, {sessions} sessions x {turns} turns, "
-          f"observation {obs} + action {act} tokens per turn")
+    dtype = model_dtype(device)
+    stem = results_stem(args.out, "rollout", device)
+    info = run_meta(device, vllm=vllm_version(), dtype=str(dtype).removeprefix("torch."), preset=preset, archs=archs,
+                    models={a: model_sizes(a, preset) for a in archs}, sessions=sessions, turns=turns,
+                    obs_tokens=obs, action_tokens=act, eager=args.eager,
+                    load_avg_1min=os.getloadavg()[0],  # CPU timings on a busy machine mean little
+                    workload=__doc__.split("\n\n")[1].replace("\n", " "))
+    print(f"{info['device']}, {info['dtype']}, vLLM {info['vllm']}: {preset} models, {sessions} sessions x {turns} "
+          f"turns, observation {obs} + action {act} tokens per turn")
     rows = []
     bar = progress(len(archs) * turns)
-    with open(f"{stem}.jsonl", "w") as jsonl:
-        jsonl.write(json.dumps({"meta": info}) + "\n")
+    with jsonl_writer(stem, info) as write:
         for arch in archs:
             bar.set_postfix_str(arch, refresh=False)
             try:
@@ -191,10 +178,9 @@ def run(args: argparse.Namespace) -> int:
             except Exception as e:  # the other archs still run
                 row = dict(arch=arch, status="error", error=f"{type(e).__name__}: {e}")
             rows.append(row)
-            jsonl.write(json.dumps(row) + "\n")
-            jsonl.flush()
+            write(row)
     bar.close()
-    Path(f"{stem}.json").write_text(json.dumps({"meta": info, "rows": rows}, indent=1) + "\n")
+    write_json(stem, info, rows)
     print_table(rows)
     title = (f"hybrid-lm rollout, {info['device']}, {info['dtype']}, {preset} models, vLLM {info['vllm']}: "
              f"{sessions} sessions x {turns} turns, obs {obs} + action {act}")

@@ -23,7 +23,7 @@ GPU, backward, gradient clipping, the optimizer's step). WARMUP_STEPS untimed st
 kernel compiles, optimizer state allocation; the shapes never change, so nothing recompiles
 after the first), then --steps timed with perf_counter, synchronizing the GPU at both ends.
 first_step_s is the first warmup step's wall time: in a compiled mode, mostly compilation. MFU
-counts `pretrain.flops_per_token` (LRT with 2 passes) against `pretrain.peak_flops` (None on a CPU
+counts `common.flops_per_token` (LRT with 2 passes) against `common.peak_flops` (None on a CPU
 or an unknown GPU).
 
 Peak memory (peak_bytes), and the same measure taken just before the first step (base_bytes):
@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -54,9 +53,10 @@ import torch
 import hybrid_lm
 from hybrid_lm.cli import positive_float, positive_int
 from hybrid_lm.train.optim import build_optimizer
-from hybrid_lm.train.pretrain import batch_loss, flops_per_token, peak_flops, train_step, wrap
+from hybrid_lm.train.pretrain import batch_loss, train_step, wrap
 
-from .kernels import add_arch_arguments, chosen, chosen_archs, device_name, device_slug, progress
+from .common import (add_arch_arguments, chosen, chosen_archs, default_device, flops_per_token, jsonl_writer,
+                     peak_flops, progress, pyplot, results_stem, run_meta, save_figure, write_json)
 
 
 class Setup(NamedTuple):
@@ -96,7 +96,7 @@ def failed_row(arch: str, mode: str, setup: Setup, error: Optional[str] = None) 
 
 
 def bench_config(arch: str, mode: str, setup: Setup, vocab_size: Optional[int], device: torch.device) -> dict:
-    """One row; any failure (build, compile, out of memory, an arch not written yet) becomes its error."""
+    """One row; any failure (a bad config, a build or compile error, out of memory) becomes its error."""
     row = failed_row(arch, mode, setup)
     on_gpu = device.type == "cuda"
     try:
@@ -265,14 +265,9 @@ def grouped_bars(ax, rows: list, value, ylabel: str, title: str) -> None:
 def plot(rows: list, ratios: dict, peak_label: str, title: str, path: Path) -> bool:
     """Grouped bars per arch, one bar per mode: tokens/s, peak memory, step time over the
     Transformer's (the paper's 2x marked)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
     ok = [r for r in rows if r["status"] == "ok"]
-    if not ok:
+    plt = pyplot()
+    if plt is None or not ok:
         return False
     vs = ratios["step_time_vs_transformer"]
     fig, (speed, memory, ratio) = plt.subplots(1, 3, figsize=(16, 4.2), layout="constrained")
@@ -282,10 +277,7 @@ def plot(rows: list, ratios: dict, peak_label: str, title: str, path: Path) -> b
     ratio.axhline(2.0, ls="--", color="gray", label="paper: LRT about 2x")
     for ax in (speed, memory, ratio):
         ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path, title)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,47 +310,40 @@ def run(args: argparse.Namespace) -> int:
     archs, modes = chosen_archs(args.archs, DEFAULT_ARCHS), chosen("--modes", args.modes, DEFAULT_MODES, MODES)
     if archs is None or modes is None:
         return 2
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     default = SETUPS["quick" if args.quick else "gpu" if device.type == "cuda" else "cpu"]
     setup = Setup(args.preset or default.preset, args.seq_len or default.seq_len, args.batch or default.batch,
                   args.steps or default.steps)
     if args.one:
         print(json.dumps(bench_config(archs[0], modes[0], setup, args.vocab_size, device)), flush=True)
         return 0
-    slug = device_slug(device)
-    out = args.out or Path("benchmarks/results") / slug
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"train-{slug}"
+    stem = results_stem(args.out, "train", device)
     peak_kind = "cuda_max_allocated" if device.type == "cuda" else "rss"
-    info = {"device": device_name(device), "device_slug": slug, "torch": torch.__version__,
-            "python": platform.python_version(), "cuda": torch.version.cuda, "cpu_threads": torch.get_num_threads(),
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "load_avg_1min": os.getloadavg()[0],
-            "dtype": "bf16 autocast" if device.type == "cuda" else "fp32", "optimizer": "muon",
-            "warmup_steps": WARMUP_STEPS, "archs": archs, "modes": modes, "seed": SEED, "quick": args.quick,
-            **setup._asdict(), "vocab_size": args.vocab_size, "process": "one subprocess per (arch, mode)",
-            "peak_kind": peak_kind, "timing": "perf_counter over the timed steps"
-            + (", CUDA synchronize at both ends" if device.type == "cuda" else ""),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv}
+    info = run_meta(device, cpu_threads=torch.get_num_threads(), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS"),
+                    load_avg_1min=os.getloadavg()[0], dtype="bf16 autocast" if device.type == "cuda" else "fp32",
+                    optimizer="muon", warmup_steps=WARMUP_STEPS, archs=archs, modes=modes, seed=SEED,
+                    quick=args.quick, **setup._asdict(), vocab_size=args.vocab_size,
+                    process="one subprocess per (arch, mode)", peak_kind=peak_kind,
+                    timing="perf_counter over the timed steps"
+                    + (", CUDA synchronize at both ends" if device.type == "cuda" else ""))
     print(f"{info['device']}, {info['dtype']}: {setup.preset} models, batch {setup.batch} x {setup.seq_len} "
           f"tokens, {setup.steps} timed steps; modes {', '.join(modes)}")
     rows = []
     bar = progress(len(archs) * len(modes))
-    with open(f"{stem}.jsonl", "w") as jsonl:
-        jsonl.write(json.dumps({"meta": info}) + "\n")
+    with jsonl_writer(stem, info) as write:
         for arch in archs:
             for mode in modes:
                 bar.set_postfix_str(f"{arch} {mode}", refresh=False)
                 row = run_child(arch, mode, setup, args.vocab_size, args.timeout)
                 rows.append(row)
-                jsonl.write(json.dumps(row) + "\n")
-                jsonl.flush()
+                write(row)
                 if row["status"] == "error":
                     bar.write(f"error: {arch} {mode}: {row['error'][-300:]}")
                 bar.update(1)
     bar.close()
 
     ratios = all_ratios(rows)
-    Path(f"{stem}.json").write_text(json.dumps({"meta": info, **ratios, "rows": rows}, indent=1) + "\n")
+    write_json(stem, info, rows, **ratios)
     print_table(rows, ratios)
     title = f"hybrid-lm training step, {info['device']}, {info['dtype']}, {setup.preset}, {setup.batch}x{setup.seq_len}"
     peak_label = "CUDA max allocated" if device.type == "cuda" else "peak RSS of the process"

@@ -18,6 +18,7 @@ cross-decoder runs on the sampled rows only) and off (on every prompt token).
 from __future__ import annotations
 
 import gc
+import math
 import logging
 import tempfile
 import time
@@ -28,6 +29,8 @@ import torch
 
 import hybrid_lm
 from hybrid_lm.serve import engine_args as serve_args
+
+from .common import vllm_version
 
 SEED = 0
 EAGER_HELP = ("serve eagerly (vLLM's enforce_eager): no compilation at start-up, which on a CPU takes a minute or "
@@ -41,23 +44,27 @@ DECODE_ROW = ("vLLM: one llm.generate of batch prompts x gen output tokens (igno
 
 
 def state_bytes(config, tokens: int, dtype_bytes: int) -> int:
-    """Bytes of one request's serving state after `tokens` tokens, in hybrid_lm.serve's layout:
-    K,V per own-cache attention layer (window-capped; differential attention caches padded keys
-    and duplicated values: 2x), fp32 Mamba conv+SSM states, LRT's fp32 latent."""
+    """Bytes of one request's serving state after `tokens` tokens, from hybrid_lm.serve's own
+    layout: the paged K,V of each attention layer with a cache of its own (window-capped;
+    serve.layers.paged_head_size), the fp32 Mamba states (serve.layers.mamba_state_shapes) and
+    LRT's fp32 latent (serve.lrt.latent_state_shapes)."""
     from hybrid_lm.archs.layers import Attention, Mamba
+    from hybrid_lm.serve.layers import mamba_state_shapes, paged_head_size
+    from hybrid_lm.serve.lrt import latent_state_shapes
 
+    fp32 = 4
     with torch.device("meta"):
         model = hybrid_lm.build(config)
     total = 0
     for layer in model.model.layers:
         mixer = layer.attn
         if isinstance(mixer, Mamba):
-            total += 4 * mixer.d_inner * (config.mamba_d_conv - 1 + config.mamba_d_state)
-        elif isinstance(mixer, Attention) and not mixer.cross:
+            total += fp32 * sum(math.prod(shape) for shape in mamba_state_shapes(config))
+        elif isinstance(mixer, Attention) and not mixer.cross:  # cross-attention reads the shared layer's
             kept = tokens if mixer.window is None else min(tokens, mixer.window)
-            total += kept * 2 * mixer.kv_heads * mixer.head_dim * dtype_bytes * (2 if config.differential_attention else 1)
+            total += kept * 2 * mixer.kv_heads * paged_head_size(mixer) * dtype_bytes
     if config.model_type == "hybrid_lrt":
-        total += 4 * config.hidden_size
+        total += fp32 * sum(math.prod(shape) for shape in latent_state_shapes(config))
     return total
 
 
@@ -165,14 +172,6 @@ def prefill_point(llm, arch: str, prompt_len: int) -> dict:
     first = median_seconds(1)
     return dict(arch=arch, prompt_len=prompt_len, generated=PREFILL_GEN, fast_prefill=fast_prefill(llm), status="ok",
                 first_token_s=first, prefill_tokens_per_s=prompt_len / first, total_s=median_seconds(PREFILL_GEN))
-
-
-def vllm_version() -> str | None:
-    try:
-        import vllm
-        return vllm.__version__
-    except ImportError:
-        return None
 
 
 def require_vllm() -> None:

@@ -5,17 +5,23 @@ bad call fails with a ValueError that names the argument, the expected and the r
 shape/dtype/device. Tensor contents are checked for cu_seqlens only (`check_cu_seqlens`): on the
 host for CPU tensors, with a device-side assert for CUDA tensors and under torch.compile, so no
 op syncs with the host. Decode ops' state_indices are not checked (their values would need a sync).
+
+Launch parameters: optional inputs reach a kernel as None pointers, and `@triton.heuristics`
+turns each into a HAS_* constexpr (`has`), so no launch passes those flags by hand; block sizes
+and num_warps come from `triton.autotune` over `configs`.
 """
 from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
+# read at import: TRITON_INTERPRET takes effect only when set before triton is imported anyway
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def use_triton(x: torch.Tensor) -> bool:
@@ -40,6 +46,27 @@ def device_guard(x: torch.Tensor):
     """Make x's GPU the current one for a launch (Triton launches on the current device, so a
     tensor on cuda:1 while cuda:0 is current would be read from the wrong device)."""
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def configs(cuda: list, interpreted) -> list:
+    """Autotune configs: the `cuda` list on a GPU, the single `interpreted` config under
+    TRITON_INTERPRET=1, where nothing can be timed (a multi-config autotune fails there)."""
+    return [interpreted] if INTERPRET else list(cuda)
+
+
+def has(arg: str) -> Callable[[dict], bool]:
+    """A `triton.heuristics` value: whether the kernel argument `arg` (an optional input) was given."""
+    return lambda args: args[arg] is not None
+
+
+def contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """`t.contiguous()` for an optional input, None passing through."""
+    return None if t is None else t.contiguous()
+
+
+def num_seqs(x: torch.Tensor, cu_seqlens: Optional[torch.Tensor]) -> int:
+    """Sequences (so states) in a batch: its rows, or the packed sequences of cu_seqlens."""
+    return x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
 
 
 def _fmt(spec: Sequence, dims: dict) -> str:
@@ -110,6 +137,18 @@ def check_cu_seqlens(cu_seqlens, batch: int, T: int, device: torch.device) -> No
     offsets = cu_seqlens.tolist()
     if offsets[0] != 0 or offsets[-1] != T or any(b < a for a, b in zip(offsets, offsets[1:])):
         raise ValueError(f"{expected}={T}, got {offsets}")
+
+
+def check_flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}: expected a bool, got {type(value).__name__}")
+
+
+def check_slots(name: str, state: torch.Tensor, batch: int, state_indices) -> None:
+    """A decode op's state: without state_indices row b uses slot b, so it needs `batch` slots."""
+    if state_indices is None and state.shape[0] < batch:
+        raise ValueError(f"{name}: expected at least B={batch} slots without state_indices, "
+                         f"got shape {list(state.shape)}")
 
 
 def check_activation(activation) -> None:

@@ -11,9 +11,10 @@ input position is the same expression whether it lands in `dx` or in `dinitial_s
 load helper serves each direction (`_load_input` forward, `_load_dinput` backward) and the
 state kernels are those helpers evaluated at the W-1 positions before the start / end.
 
-Layout and tiling. x, y are token-major [B, T, D]; a program owns a [BLOCK_T, BLOCK_D] tile
-(time block, channel block, batch row) and reads its W shifted [BLOCK_T, BLOCK_D] input tiles
-with channel-contiguous rows: the tiles overlap, so after the first one they come from L1/L2.
+Layout and tiling. x, y are token-major [B, T, D]; a program owns a [BT, BD] tile (time block,
+channel block, batch row) and reads its W shifted [BT, BD] input tiles with channel-contiguous
+rows: the tiles overlap, so after the first one they come from L1/L2. BT, BD and num_warps are
+autotuned on CUDA, except in the dweight pass, whose partials the host sizes from its tile.
 Packed batches (cu_seqlens, B = 1) tile the packed time axis directly: each token looks up its
 sequence (`seq_idx`, built on the device with searchsorted, no host sync), so taps never cross
 a sequence boundary and a tile may span several sequences. All math is fp32; bf16/fp16 loads
@@ -23,7 +24,7 @@ Bytes moved per token (e = bytes per element of x, D channels), from DRAM:
   forward              read x, write y                                        2 D e
   backward, dw pass    read x and dy; with silu also write da = dy silu'(a)   2 D e  (+ 4 D)
   backward, dx pass    read dy (with silu: da, fp32), write dx                2 D e  (silu: D e + 4 D)
-  plus a (W-1)/BLOCK_T halo per tile; states and weights are O(N D W), not per token.
+  plus a (W-1)/BT halo per tile; states and weights are O(N D W), not per token.
 dweight and dbias are reductions over time: each program sums over a chunk of time blocks in
 fp32 and writes one partial per chunk; one torch sum adds the partials (deterministic, no atomics).
 The silu backward needs the pre-activation, which is recomputed from x rather than stored.
@@ -42,14 +43,30 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._common import (FLOAT_DTYPES, INDEX_DTYPES, check, check_activation, check_cu_seqlens, device_guard,
-                      new_output, same_dtype, use_triton)
+from ._common import (FLOAT_DTYPES, INDEX_DTYPES, check, check_activation, check_cu_seqlens, check_flag,
+                      check_slots, configs, contiguous, device_guard, has, new_output, num_seqs, same_dtype, use_triton)
 
 MIN_WIDTH, MAX_WIDTH = 2, 8
+# The dweight/dbias pass writes one fp32 partial per (time chunk, channel block), and the host
+# allocates them before the launch, so that pass keeps a fixed tile: BLOCK_T tokens by
+# _block_d(D) channels. It aims at about BWD_PROGRAMS programs; each loops over as many time
+# blocks as that leaves, so the partials stay small however long the sequence is.
 BLOCK_T = 64
-# The dweight/dbias pass aims at about this many programs; each loops over as many time blocks
-# as that leaves, so the fp32 partials stay small however long the sequence is.
 BWD_PROGRAMS = 512
+
+# Autotune configs, keyed on D and W (not T: a new sequence length should not tune again).
+# [BT, BD] tiles of the time-parallel kernels (forward, dx pass)
+TILE_CONFIGS = configs([triton.Config({"BT": bt, "BD": bd}, num_warps=w)
+                        for bt, bd, w in ((32, 128, 4), (64, 64, 4), (64, 128, 4), (128, 64, 4), (128, 128, 8))],
+                       triton.Config({"BT": 64, "BD": 64}, num_warps=4))
+# [W-1, BD] tiles of the per-sequence state kernels, N x D/BD programs: small, latency-bound
+STATE_CONFIGS = configs([triton.Config({"BD": bd}, num_warps=w) for bd, w in ((32, 1), (64, 2), (128, 4))],
+                        triton.Config({"BD": 64}, num_warps=2))
+# the dweight pass: fixed tile (above), tuned warps
+DW_CONFIGS = configs([triton.Config({}, num_warps=w) for w in (2, 4, 8)], triton.Config({}, num_warps=4))
+# decode: a [BD, W] window per program
+UPDATE_CONFIGS = configs([triton.Config({"BD": bd}, num_warps=w) for bd, w in ((64, 2), (128, 2), (128, 4), (256, 4))],
+                         triton.Config({"BD": 64}, num_warps=4))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,6 +92,22 @@ def _seq_range(p_cu, i_n, T, IS_VARLEN: tl.constexpr):
         return tl.load(p_cu + i_n), tl.load(p_cu + i_n + 1)
     else:
         return 0, T
+
+
+@triton.jit
+def _state_tile(p_cu, T, D, W: tl.constexpr, IS_VARLEN: tl.constexpr, BW: tl.constexpr, BD: tl.constexpr):
+    """The tile of an [N, D, W-1] state that program (sequence i_n, channel block) covers: state
+    columns o_j [BW] (oldest first), channels o_d [BD], their masks, the sequence's [start, end)
+    and the offset of its batch row in a [B, T, D] tensor (0 when packed: one row)."""
+    i_n, i_d = tl.program_id(0), tl.program_id(1)
+    o_j = tl.arange(0, BW)  # [BW]
+    o_d = i_d * BD + tl.arange(0, BD)  # [BD]
+    start, end = _seq_range(p_cu, i_n, T, IS_VARLEN)
+    if IS_VARLEN:
+        o_row = 0
+    else:
+        o_row = i_n.to(tl.int64) * T * D
+    return i_n, o_j, o_d, o_j < W - 1, o_d < D, start, end, o_row
 
 
 @triton.jit
@@ -141,6 +174,8 @@ def _preactivation(p_x, p_w, p_b, p_h0, o_t, m_t, b_seq, b_start, o_d, m_d, D,
 # kernels
 # ---------------------------------------------------------------------------------------------
 
+@triton.heuristics({"HAS_BIAS": has("p_b"), "HAS_H0": has("p_h0"), "IS_VARLEN": has("p_cu")})
+@triton.autotune(TILE_CONFIGS, key=["D", "W"])
 @triton.jit
 def _conv_fwd_kernel(p_x, p_w, p_b, p_h0, p_y, p_cu, p_seq_idx, T, D,
                      W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr, SILU: tl.constexpr,
@@ -160,22 +195,20 @@ def _conv_fwd_kernel(p_x, p_w, p_b, p_h0, p_y, p_cu, p_seq_idx, T, D,
     tl.store(p_y + _tile_offsets(o_t, o_d, D), b_y.to(p_y.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
 
 
+@triton.heuristics({"HAS_H0": has("p_h0"), "IS_VARLEN": has("p_cu")})
+@triton.autotune(STATE_CONFIGS, key=["D", "W"])
 @triton.jit
 def _conv_final_state_kernel(p_x, p_h0, p_ht, p_cu, T, D,
                              W: tl.constexpr, HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
                              BW: tl.constexpr, BD: tl.constexpr):
     # grid: (sequences, channel blocks); the final state is the extended input at end-(W-1) .. end-1
-    i_n, i_d = tl.program_id(0), tl.program_id(1)
-    o_j = tl.arange(0, BW)  # [BW] state columns, oldest first
-    o_d = i_d * BD + tl.arange(0, BD)  # [BD]
-    m_j, m_d = o_j < W - 1, o_d < D
-    start, end = _seq_range(p_cu, i_n, T, IS_VARLEN)
-    if not IS_VARLEN:
-        p_x += i_n.to(tl.int64) * T * D
-    b_ht = _load_input(p_x, p_h0, end - (W - 1) + o_j, m_j, i_n, start, o_d, m_d, D, W, HAS_H0)  # [BW, BD]
+    i_n, o_j, o_d, m_j, m_d, start, end, o_row = _state_tile(p_cu, T, D, W, IS_VARLEN, BW, BD)
+    b_ht = _load_input(p_x + o_row, p_h0, end - (W - 1) + o_j, m_j, i_n, start, o_d, m_d, D, W, HAS_H0)  # [BW, BD]
     tl.store(p_ht + _state_offsets(i_n, o_j, o_d, D, W), b_ht, mask=m_j[:, None] & m_d[None, :])
 
 
+@triton.heuristics({"HAS_BIAS": has("p_b"), "HAS_H0": has("p_h0"), "IS_VARLEN": has("p_cu")})
+@triton.autotune(DW_CONFIGS, key=["D", "W"])
 @triton.jit
 def _conv_bwd_dw_kernel(p_x, p_w, p_b, p_h0, p_dy, p_da, p_dw, p_db, p_cu, p_seq_idx, T, D, NC, NBLK,
                         W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr, SILU: tl.constexpr,
@@ -215,6 +248,8 @@ def _conv_bwd_dw_kernel(p_x, p_w, p_b, p_h0, p_dy, p_da, p_dw, p_db, p_cu, p_seq
     tl.store(p_db + i_p.to(tl.int64) * D + o_d, b_db, mask=m_d)
 
 
+@triton.heuristics({"HAS_DHT": has("p_dht"), "IS_VARLEN": has("p_cu")})
+@triton.autotune(TILE_CONFIGS, key=["D", "W"])
 @triton.jit
 def _conv_bwd_dx_kernel(p_da, p_w, p_dht, p_dx, p_cu, p_seq_idx, T, D,
                         W: tl.constexpr, HAS_DHT: tl.constexpr, IS_VARLEN: tl.constexpr,
@@ -231,19 +266,15 @@ def _conv_bwd_dx_kernel(p_da, p_w, p_dht, p_dx, p_cu, p_seq_idx, T, D,
     tl.store(p_dx + _tile_offsets(o_t, o_d, D), b_dx.to(p_dx.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
 
 
+@triton.heuristics({"HAS_DHT": has("p_dht"), "IS_VARLEN": has("p_cu")})
+@triton.autotune(STATE_CONFIGS, key=["D", "W"])
 @triton.jit
 def _conv_bwd_dh0_kernel(p_da, p_w, p_dht, p_dh0, p_cu, T, D,
                          W: tl.constexpr, HAS_DHT: tl.constexpr, IS_VARLEN: tl.constexpr,
                          BW: tl.constexpr, BD: tl.constexpr):
     # grid: (sequences, channel blocks); the initial state is the extended input at start-(W-1) .. start-1
-    i_n, i_d = tl.program_id(0), tl.program_id(1)
-    o_j = tl.arange(0, BW)  # [BW] state columns, oldest first
-    o_d = i_d * BD + tl.arange(0, BD)  # [BD]
-    m_j, m_d = o_j < W - 1, o_d < D
-    start, end = _seq_range(p_cu, i_n, T, IS_VARLEN)
-    if not IS_VARLEN:
-        p_da += i_n.to(tl.int64) * T * D
-    b_dh0 = _load_dinput(p_da, p_w, p_dht, start - (W - 1) + o_j, m_j, i_n, start, end, o_d, m_d, D,
+    i_n, o_j, o_d, m_j, m_d, start, end, o_row = _state_tile(p_cu, T, D, W, IS_VARLEN, BW, BD)
+    b_dh0 = _load_dinput(p_da + o_row, p_w, p_dht, start - (W - 1) + o_j, m_j, i_n, start, end, o_d, m_d, D,
                          W, HAS_DHT, BW, BD)  # [BW, BD]
     tl.store(p_dh0 + _state_offsets(i_n, o_j, o_d, D, W), b_dh0, mask=m_j[:, None] & m_d[None, :])
 
@@ -256,6 +287,9 @@ def _load_window(p_row, b_x, o_c, m_d, stride_w, W: tl.constexpr):
     return tl.where((o_c == W - 1)[None, :], b_x[:, None], b_s)
 
 
+@triton.heuristics({"HAS_BIAS": has("p_b"), "HAS_IDX": has("p_idx")})
+# the state is updated in place: every config timed must start from the same state
+@triton.autotune(UPDATE_CONFIGS, key=["D", "W"], restore_value=["p_state"])
 @triton.jit
 def _conv_update_kernel(p_x, p_state, p_w, p_b, p_idx, p_y, D, stride_s, stride_d, stride_w,
                         W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_IDX: tl.constexpr, SILU: tl.constexpr,
@@ -301,8 +335,14 @@ def _block_d(D: int) -> int:
     return min(128, triton.next_power_of_2(D))
 
 
-def _num_states(x: torch.Tensor, cu_seqlens: Optional[torch.Tensor]) -> int:
-    return x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+def _tile_grid(T: int, D: int, B: int):
+    """(time blocks, channel blocks, batch) for the autotuned [BT, BD] tile."""
+    return lambda META: (triton.cdiv(T, META["BT"]), triton.cdiv(D, META["BD"]), B)
+
+
+def _state_grid(N: int, D: int):
+    """(sequences, channel blocks) for the autotuned BD."""
+    return lambda META: (N, triton.cdiv(D, META["BD"]))
 
 
 def _seq_idx(cu_seqlens: Optional[torch.Tensor], T: int) -> Optional[torch.Tensor]:
@@ -318,29 +358,22 @@ def _causal_conv1d_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
                        initial_state: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
                        silu: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (y, final_state); the final state is always computed (O(N D W), negligible)."""
-    x, weight = x.contiguous(), weight.contiguous()
-    bias = None if bias is None else bias.contiguous()
-    initial_state = None if initial_state is None else initial_state.contiguous()
+    x, weight, bias, initial_state = x.contiguous(), weight.contiguous(), contiguous(bias), contiguous(initial_state)
     B, T, D = x.shape
     W = weight.shape[1]
-    N = _num_states(x, cu_seqlens)
+    N = num_seqs(x, cu_seqlens)
     y = new_output(x.shape, x.dtype, x.device)
     ht = new_output((N, D, W - 1), torch.float32, x.device)
-    BD = _block_d(D)
-    _conv_fwd_kernel[(triton.cdiv(T, BLOCK_T), triton.cdiv(D, BD), B)](
-        x, weight, bias, initial_state, y, cu_seqlens, _seq_idx(cu_seqlens, T), T, D,
-        W=W, HAS_BIAS=bias is not None, HAS_H0=initial_state is not None, SILU=silu,
-        IS_VARLEN=cu_seqlens is not None, BT=BLOCK_T, BD=BD)
-    _conv_final_state_kernel[(N, triton.cdiv(D, BD))](
-        x, initial_state, ht, cu_seqlens, T, D,
-        W=W, HAS_H0=initial_state is not None, IS_VARLEN=cu_seqlens is not None,
-        BW=triton.next_power_of_2(W - 1), BD=BD)
+    _conv_fwd_kernel[_tile_grid(T, D, B)](
+        x, weight, bias, initial_state, y, cu_seqlens, _seq_idx(cu_seqlens, T), T, D, W=W, SILU=silu)
+    _conv_final_state_kernel[_state_grid(N, D)](
+        x, initial_state, ht, cu_seqlens, T, D, W=W, BW=triton.next_power_of_2(W - 1))
     return y, ht
 
 
 @_causal_conv1d_fwd.register_fake
 def _(x, weight, bias, initial_state, cu_seqlens, silu):
-    N = _num_states(x, cu_seqlens)
+    N = num_seqs(x, cu_seqlens)
     return torch.empty_like(x), x.new_empty((N, x.shape[2], weight.shape[1] - 1), dtype=torch.float32)
 
 
@@ -351,19 +384,16 @@ def _causal_conv1d_bwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dx, dweight, dbias, dinitial_state); the caller drops those of absent inputs."""
     x, weight, dy = x.contiguous(), weight.contiguous(), dy.contiguous()
-    bias = None if bias is None else bias.contiguous()
-    initial_state = None if initial_state is None else initial_state.contiguous()
-    dht = None if dht is None else dht.contiguous()
+    bias, initial_state, dht = contiguous(bias), contiguous(initial_state), contiguous(dht)
     B, T, D = x.shape
     W = weight.shape[1]
-    N = _num_states(x, cu_seqlens)
+    N = num_seqs(x, cu_seqlens)
+    seq_idx = _seq_idx(cu_seqlens, T)
+
+    # dweight, dbias (and da with silu): time chunks of NBLK blocks, one fp32 partial each
     BD = _block_d(D)
     ND = triton.cdiv(D, BD)
     NT = triton.cdiv(T, BLOCK_T)
-    seq_idx = _seq_idx(cu_seqlens, T)
-    varlen = cu_seqlens is not None
-
-    # dweight, dbias (and da with silu): time chunks of NBLK blocks, one fp32 partial each
     NBLK = max(1, triton.cdiv(NT, triton.cdiv(BWD_PROGRAMS, ND * B)))
     NC = max(1, triton.cdiv(NT, NBLK))
     da = new_output(x.shape, torch.float32, x.device) if silu else dy
@@ -371,23 +401,19 @@ def _causal_conv1d_bwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     db_part = new_output((B * NC, D), torch.float32, x.device)
     _conv_bwd_dw_kernel[(NC, ND, B)](
         x, weight, bias, initial_state, dy, da, dw_part, db_part, cu_seqlens, seq_idx, T, D, NC, NBLK,
-        W=W, HAS_BIAS=bias is not None, HAS_H0=initial_state is not None, SILU=silu,
-        IS_VARLEN=varlen, BT=BLOCK_T, BD=BD, WP=triton.next_power_of_2(W))
+        W=W, SILU=silu, BT=BLOCK_T, BD=BD, WP=triton.next_power_of_2(W))
 
     dx = new_output(x.shape, x.dtype, x.device)
-    _conv_bwd_dx_kernel[(NT, ND, B)](
-        da, weight, dht, dx, cu_seqlens, seq_idx, T, D,
-        W=W, HAS_DHT=dht is not None, IS_VARLEN=varlen, BT=BLOCK_T, BD=BD)
+    _conv_bwd_dx_kernel[_tile_grid(T, D, B)](da, weight, dht, dx, cu_seqlens, seq_idx, T, D, W=W)
     dh0 = new_output((N, D, W - 1), torch.float32, x.device)
-    _conv_bwd_dh0_kernel[(N, ND)](
-        da, weight, dht, dh0, cu_seqlens, T, D,
-        W=W, HAS_DHT=dht is not None, IS_VARLEN=varlen, BW=triton.next_power_of_2(W - 1), BD=BD)
+    _conv_bwd_dh0_kernel[_state_grid(N, D)](
+        da, weight, dht, dh0, cu_seqlens, T, D, W=W, BW=triton.next_power_of_2(W - 1))
     return dx, dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(weight.dtype), dh0
 
 
 @_causal_conv1d_bwd.register_fake
 def _(x, weight, bias, initial_state, cu_seqlens, silu, dy, dht):
-    N = _num_states(x, cu_seqlens)
+    N = num_seqs(x, cu_seqlens)
     return (torch.empty_like(x), torch.empty_like(weight), weight.new_empty(weight.shape[0]),
             x.new_empty((N, x.shape[2], weight.shape[1] - 1), dtype=torch.float32))
 
@@ -417,16 +443,13 @@ def _causal_conv1d_update(x: torch.Tensor, conv_state: torch.Tensor, weight: tor
                           bias: Optional[torch.Tensor], state_indices: Optional[torch.Tensor],
                           silu: bool) -> torch.Tensor:
     # conv_state keeps its own strides (it is updated in place: a contiguous copy would be lost)
-    x, weight = x.contiguous(), weight.contiguous()
-    bias = None if bias is None else bias.contiguous()
+    x, weight, bias = x.contiguous(), weight.contiguous(), contiguous(bias)
     B, D = x.shape
     W = weight.shape[1]
     y = new_output(x.shape, x.dtype, x.device)
-    BD = min(256, triton.next_power_of_2(D))
-    _conv_update_kernel[(B, triton.cdiv(D, BD))](
+    _conv_update_kernel[lambda META: (B, triton.cdiv(D, META["BD"]))](
         x, conv_state, weight, bias, state_indices, y, D, *conv_state.stride(),
-        W=W, HAS_BIAS=bias is not None, HAS_IDX=state_indices is not None, SILU=silu,
-        BD=BD, WP=triton.next_power_of_2(W))
+        W=W, SILU=silu, WP=triton.next_power_of_2(W))
     return y
 
 
@@ -452,18 +475,56 @@ def _check_weight(weight: torch.Tensor, x: torch.Tensor, dims: dict) -> int:
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                   activation: Optional[str] = None, initial_state: Optional[torch.Tensor] = None,
                   output_final_state: bool = False, cu_seqlens: Optional[torch.Tensor] = None):
-    """Depthwise causal conv1d over time, differentiable in x, weight, bias and initial_state.
+    r"""Depthwise causal conv1d over time, differentiable in x, weight, bias and initial_state.
 
-    x: [B, T, D], any float dtype. weight: [D, W], W in 2..8, x's dtype or fp32. bias: [D], any
-    float dtype. activation: None or "silu". initial_state: [N, D, W-1], any float dtype (fp32
-    recommended): the W-1 inputs before t = 0, oldest first (zeros if None); N = B, or the number
-    of sequences with cu_seqlens (int32 [N+1] offsets into T of a packed batch, B = 1: starting
-    at 0, non-decreasing, ending at T; checked on the host for CPU tensors, by a device-side
-    assert for CUDA ones).
-    y[t] = act(bias + sum_k weight[:, k] * x[t - W + 1 + k]), with x before t = 0 taken from the
-    initial state. Returns y [B, T, D] in x's dtype, and with output_final_state also the final
-    state [N, D, W-1] fp32: the last W-1 inputs, oldest first (ending with the initial state's
-    tail when a sequence is shorter than W-1). Gradients flow through the final state too.
+        y[t] = act(bias + sum_k weight[:, k] * x[t - W + 1 + k]),   k = 0 .. W-1
+
+    with x before t = 0 taken from the initial state (zeros if None). Packed sequences never see
+    each other. Gradients flow through the final state too. See docs/kernels.md.
+
+    Args:
+        x (torch.Tensor):
+            Inputs of shape `[B, T, D]`, any float dtype.
+        weight (torch.Tensor):
+            Filters of shape `[D, W]`, W in 2..8, in x's dtype or fp32.
+        bias (Optional[torch.Tensor]):
+            Bias of shape `[D]`, any float dtype. Default: `None`.
+        activation (Optional[str]):
+            `None` or `"silu"`. Default: `None`.
+        initial_state (Optional[torch.Tensor]):
+            The W-1 inputs before t = 0, oldest first, of shape `[N, D, W-1]`, any float dtype
+            (fp32 recommended); N = B, or the number of sequences with `cu_seqlens`.
+            Default: `None` (zeros).
+        output_final_state (bool):
+            Whether to also return the final state. Default: `False`.
+        cu_seqlens (Optional[torch.Tensor]):
+            int32 offsets of shape `[N+1]` of N sequences packed along T (then B = 1): starting
+            at 0, non-decreasing, ending at T (checked on the host for CPU tensors, by a
+            device-side assert for CUDA ones). Default: `None`.
+
+    Returns:
+        y (torch.Tensor):
+            Outputs of shape `[B, T, D]` in x's dtype.
+        final_state (torch.Tensor):
+            Only with `output_final_state=True`, as `(y, final_state)`: the last W-1 inputs of
+            each sequence, oldest first, of shape `[N, D, W-1]`, fp32 (float64 for float64
+            inputs). A sequence shorter than W-1 ends it with its initial state's tail.
+
+    Example::
+        >>> import torch
+        >>> from hybrid_lm.kernels import causal_conv1d
+        >>> x = torch.randn(2, 16, 8, requires_grad=True)
+        >>> weight, bias = torch.randn(8, 4), torch.randn(8)
+        >>> y, final_state = causal_conv1d(x, weight, bias, "silu", output_final_state=True)
+        >>> y.shape, final_state.shape, final_state.dtype
+        (torch.Size([2, 16, 8]), torch.Size([2, 8, 3]), torch.float32)
+        >>> y.sum().backward()
+        >>> # two sequences of 5 and 11 tokens packed in one row, each from its own state
+        >>> cu_seqlens = torch.tensor([0, 5, 16], dtype=torch.int32)
+        >>> y = causal_conv1d(torch.randn(1, 16, 8), weight, bias, "silu",
+        ...                   initial_state=torch.randn(2, 8, 3), cu_seqlens=cu_seqlens)
+        >>> y.shape
+        torch.Size([1, 16, 8])
     """
     dims: dict = {}
     check("x", x, ("B", "T", "D"), dims, FLOAT_DTYPES)
@@ -472,10 +533,9 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     check_activation(activation)
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, x.shape[0], x.shape[1], x.device)
-    dims["N"] = _num_states(x, cu_seqlens)
+    dims["N"] = num_seqs(x, cu_seqlens)
     check("initial_state", initial_state, ("N", "D", "W-1"), dims, FLOAT_DTYPES, x.device, optional=True)
-    if not isinstance(output_final_state, bool):
-        raise ValueError(f"output_final_state: expected a bool, got {type(output_final_state).__name__}")
+    check_flag("output_final_state", output_final_state)
     if not use_triton(x):
         return reference.causal_conv1d(x, weight, bias, activation, initial_state, output_final_state, cu_seqlens)
     with device_guard(x):
@@ -486,14 +546,39 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
 def causal_conv1d_update(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
                          bias: Optional[torch.Tensor] = None, activation: Optional[str] = None,
                          state_indices: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """One decode step of causal_conv1d, updating conv_state in place; returns y [B, D].
+    r"""One decode step of causal_conv1d, updating conv_state in place; returns y [B, D].
 
-    x: [B, D], any float dtype. conv_state: [S, D, W-1], any float dtype and strides, holding the
-    last W-1 inputs of each slot, oldest first; the slot is shifted left and x appended. weight:
-    [D, W], W in 2..8, x's dtype or fp32. bias: [D], any float dtype. activation: None or "silu".
-    state_indices: [B] int32/int64, the slot of each row (None: row b uses slot b, needs S >= B);
-    a row with index -1 is padding: its output is zeros and no slot changes. Indices are not read
-    on the host (no sync, CUDA-graph safe), so they must lie in [-1, S) and be distinct.
+    For row b with slot s = state_indices[b]: window = [conv_state[s], x[b]] (W columns),
+    y[b] = act(bias + sum_k weight[:, k] * window[:, k]), then conv_state[s] = window[:, 1:].
+    An inference op: its kernel has no backward. See docs/kernels.md.
+
+    Args:
+        x (torch.Tensor):
+            This step's inputs, of shape `[B, D]`, any float dtype.
+        conv_state (torch.Tensor):
+            The last W-1 inputs of each of S slots, oldest first, of shape `[S, D, W-1]`, any
+            float dtype and strides; updated in place (the slot is shifted left and x appended).
+        weight, bias, activation:
+            As in `causal_conv1d`.
+        state_indices (Optional[torch.Tensor]):
+            The slot of each row, int32/int64 of shape `[B]`. A row with index -1 is padding:
+            its output is zeros and no slot changes. Indices are not read on the host (no sync,
+            CUDA-graph safe), so they must lie in [-1, S) and be distinct. Default: `None`
+            (row b uses slot b, which needs S >= B).
+
+    Returns:
+        y (torch.Tensor):
+            Outputs of shape `[B, D]` in x's dtype, zeros on padding rows.
+
+    Example::
+        >>> import torch
+        >>> from hybrid_lm.kernels import causal_conv1d_update
+        >>> conv_state = torch.zeros(4, 8, 3)  # 4 slots, D = 8, W = 4
+        >>> weight, bias = torch.randn(8, 4), torch.randn(8)
+        >>> state_indices = torch.tensor([2, -1, 0])  # the second row is padding
+        >>> y = causal_conv1d_update(torch.randn(3, 8), conv_state, weight, bias, "silu", state_indices)
+        >>> y.shape, bool(y[1].eq(0).all())
+        (torch.Size([3, 8]), True)
     """
     dims: dict = {}
     check("x", x, ("B", "D"), dims, FLOAT_DTYPES)
@@ -502,9 +587,7 @@ def causal_conv1d_update(x: torch.Tensor, conv_state: torch.Tensor, weight: torc
     check("bias", bias, ("D",), dims, FLOAT_DTYPES, x.device, optional=True)
     check_activation(activation)
     check("state_indices", state_indices, ("B",), dims, INDEX_DTYPES, x.device, optional=True)
-    if state_indices is None and conv_state.shape[0] < x.shape[0]:
-        raise ValueError(f"conv_state: expected at least B={x.shape[0]} slots without state_indices, "
-                         f"got shape {list(conv_state.shape)}")
+    check_slots("conv_state", conv_state, x.shape[0], state_indices)
     if not use_triton(x):
         return reference.causal_conv1d_update(x, conv_state, weight, bias, activation, state_indices)
     with device_guard(x):

@@ -1,6 +1,6 @@
 """Interleaved attention: queries at arbitrary absolute positions against a full K,V buffer.
 
-LRT's interleaved training (DESIGN.md, "LRT") refines a subset of positions per pass, e.g.
+LRT's interleaved training (see docs/kernels.md) refines a subset of positions per pass, e.g.
 every S-th position, while the keys and values of all positions sit in a buffer. Query i at
 position q_pos[i] sees key j iff j <= q_pos[i] and (window is None or q_pos[i] - j < window).
 A query that sees no key outputs zeros and gets zero gradient. Query head h reads KV head
@@ -26,6 +26,8 @@ Design (flash-attention style, written for this layout; fp32 math throughout):
   so any Dh up to 256 works; ragged Tq and T are masked too.
 - Precision: fp32 inputs use tl.dot(input_precision="ieee") (true fp32, no TF32); bf16/fp16
   inputs feed tensor cores in their own dtype with fp32 accumulation.
+- Launches: BLOCK_M, BLOCK_N, num_warps and num_stages are autotuned on CUDA for each kernel on
+  its own (they share no per-block buffer: lse and delta are per row), keyed on Tq, T and Dh.
 """
 from __future__ import annotations
 
@@ -37,10 +39,27 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._common import FLOAT_DTYPES, INDEX_DTYPES, check, device_guard, new_output, same_dtype, use_triton
+from ._common import FLOAT_DTYPES, INDEX_DTYPES, check, configs, device_guard, has, new_output, same_dtype, use_triton
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
 MAX_HEAD_DIM = 256
+
+# Blocks of at least 16 (tl.dot's minimum). bf16/fp16 run on tensor cores, where 64x64 tiles
+# suit narrow heads and smaller ones wider heads. Keyed on Tq and T as well as the head dim: a
+# block larger than Tq or T is mostly masked work, so a few queries or a short buffer want small
+# blocks (each new shape tunes once; training keeps one). The dtypes are part of every key.
+CONFIGS = configs([triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=2)
+                   for m, n, w in ((16, 16, 4), (32, 32, 4), (64, 32, 8), (64, 64, 4), (64, 64, 8))],
+                  triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=2))
+HEURISTICS = {"HAS_WINDOW": has("window")}
+
+
+def _prune(candidates, named_args, **kwargs):
+    """True-fp32 dots run on the FMA units with their operands in registers, which large tiles
+    spill: fp32 inputs time only the tiles up to 32x32."""
+    if kwargs["PRECISION"] != "ieee":
+        return candidates
+    return [c for c in candidates if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 32 * 32]
 
 
 @triton.jit
@@ -62,6 +81,21 @@ def _visible_keys(p_pos, o_m, m_m, T, window, HAS_WINDOW: tl.constexpr):
     return b_first.to(tl.int32), b_last.to(tl.int32)
 
 
+@triton.jit
+def _key_block(p_k, p_v, i_n, b_first, b_last, o_d, m_d, T, Hkv, D, BLOCK_N: tl.constexpr):
+    """Keys and values of the block starting at key i_n ([BLOCK_N, BLOCK_D] each, zeros past T)
+    and which of them each query row sees ([BLOCK_M, BLOCK_N], from the rows' [first, last])."""
+    o_n = i_n + tl.arange(0, BLOCK_N)                                             # [BLOCK_N]
+    m_kv = (o_n < T)[:, None] & m_d[None, :]                                      # [BLOCK_N, BLOCK_D]
+    o_kv = o_n[:, None] * Hkv * D + o_d[None, :]                                  # [BLOCK_N, BLOCK_D]
+    b_k = tl.load(p_k + o_kv, mask=m_kv, other=0.0)
+    b_v = tl.load(p_v + o_kv, mask=m_kv, other=0.0)
+    m_s = (o_n[None, :] >= b_first[:, None]) & (o_n[None, :] <= b_last[:, None])  # [BLOCK_M, BLOCK_N]
+    return b_k, b_v, m_s
+
+
+@triton.heuristics(HEURISTICS)
+@triton.autotune(CONFIGS, key=["Tq", "T", "D"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _fwd_kernel(p_q, p_k, p_v, p_pos, p_o, p_lse, Tq, T, H, G, window, qk_scale,
                 D: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
@@ -89,12 +123,7 @@ def _fwd_kernel(p_q, p_k, p_v, p_pos, p_o, p_lse, Tq, T, H, G, window, qk_scale,
     b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)                        # [BLOCK_M, BLOCK_D]
     # only the key blocks that some row of this block sees, starting on a block boundary
     for i_n in range((tl.min(b_first, 0) // BLOCK_N) * BLOCK_N, tl.max(b_last, 0) + 1, BLOCK_N):
-        o_n = i_n + tl.arange(0, BLOCK_N)                                         # [BLOCK_N]
-        m_n = o_n < T
-        o_kv = o_n[:, None] * Hkv * D + o_d[None, :]                              # [BLOCK_N, BLOCK_D]
-        b_k = tl.load(p_k + o_kv, mask=m_n[:, None] & m_d[None, :], other=0.0)   # [BLOCK_N, BLOCK_D]
-        b_v = tl.load(p_v + o_kv, mask=m_n[:, None] & m_d[None, :], other=0.0)   # [BLOCK_N, BLOCK_D]
-        m_s = (o_n[None, :] >= b_first[:, None]) & (o_n[None, :] <= b_last[:, None])  # [BLOCK_M, BLOCK_N]
+        b_k, b_v, m_s = _key_block(p_k, p_v, i_n, b_first, b_last, o_d, m_d, T, Hkv, D, BLOCK_N)
         # scores in the log2 domain
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale    # [BLOCK_M, BLOCK_N]
         b_s = tl.where(m_s, b_s, float("-inf"))
@@ -115,6 +144,8 @@ def _fwd_kernel(p_q, p_k, p_v, p_pos, p_o, p_lse, Tq, T, H, G, window, qk_scale,
     tl.store(p_lse + i_bh.to(tl.int64) * Tq + o_m, b_lse, mask=m_m)
 
 
+@triton.heuristics(HEURISTICS)
+@triton.autotune(CONFIGS, key=["Tq", "T", "D"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _bwd_dq_kernel(p_q, p_k, p_v, p_pos, p_o, p_lse, p_do, p_dq, p_delta, Tq, T, H, G, window,
                    scale, qk_scale, D: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
@@ -149,12 +180,7 @@ def _bwd_dq_kernel(p_q, p_k, p_v, p_pos, p_o, p_lse, p_do, p_dq, p_delta, Tq, T,
 
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)                         # [BLOCK_M, BLOCK_D]
     for i_n in range((tl.min(b_first, 0) // BLOCK_N) * BLOCK_N, tl.max(b_last, 0) + 1, BLOCK_N):
-        o_n = i_n + tl.arange(0, BLOCK_N)                                         # [BLOCK_N]
-        m_n = o_n < T
-        o_kv = o_n[:, None] * Hkv * D + o_d[None, :]                              # [BLOCK_N, BLOCK_D]
-        b_k = tl.load(p_k + o_kv, mask=m_n[:, None] & m_d[None, :], other=0.0)   # [BLOCK_N, BLOCK_D]
-        b_v = tl.load(p_v + o_kv, mask=m_n[:, None] & m_d[None, :], other=0.0)   # [BLOCK_N, BLOCK_D]
-        m_s = (o_n[None, :] >= b_first[:, None]) & (o_n[None, :] <= b_last[:, None])  # [BLOCK_M, BLOCK_N]
+        b_k, b_v, m_s = _key_block(p_k, p_v, i_n, b_first, b_last, o_d, m_d, T, Hkv, D, BLOCK_N)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale    # [BLOCK_M, BLOCK_N]
         # the where also drops masked scores that exceed the row's lse (exp2 could give inf)
         b_p = tl.where(m_s, tl.math.exp2(b_s - b_lse[:, None]), 0.0)              # [BLOCK_M, BLOCK_N]
@@ -164,6 +190,8 @@ def _bwd_dq_kernel(p_q, p_k, p_v, p_pos, p_o, p_lse, p_do, p_dq, p_delta, Tq, T,
     tl.store(p_dq + o_q, (b_dq * scale).to(p_dq.dtype.element_ty), mask=m_q)
 
 
+@triton.heuristics(HEURISTICS)
+@triton.autotune(CONFIGS, key=["Tq", "T", "D"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _bwd_dkdv_kernel(p_q, p_k, p_v, p_pos, p_lse, p_do, p_delta, p_dk, p_dv, Tq, T, H, G, window,
                      scale, qk_scale, D: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
@@ -221,30 +249,11 @@ def _bwd_dkdv_kernel(p_q, p_k, p_v, p_pos, p_lse, p_do, p_delta, p_dk, p_dv, Tq,
     tl.store(p_dv + o_kv, b_dv.to(p_dv.dtype.element_ty), mask=m_kv)
 
 
-def _launch_config(Tq: int, T: int, head_dim: int, dtype: torch.dtype) -> dict:
-    """Block sizes and launch options shared by the three kernels.
-
-    Picked to keep register spills on sm_90 at zero or a few bytes (read from the ptxas
-    resource usage of an offline compile; not yet timed on a GPU). bf16/fp16 run on tensor
-    cores: 64x64 tiles, smaller ones as the head widens. True-fp32 dots run on the FMA units
-    with their operands in registers, so fp32 gets 16x16 tiles. Blocks shrink to the problem
-    (a single decode-like query runs a 16-row block) but never below 16, tl.dot's minimum.
-    """
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    if dtype == torch.float32:
-        block_m, block_n, num_warps = 16, 16, 4
-    else:
-        block_m, block_n, num_warps = {16: (64, 64), 32: (64, 64), 64: (64, 64),
-                                       128: (64, 32), 256: (32, 32)}[block_d] + (8,)
-    return dict(
-        D=head_dim,
-        PRECISION="ieee" if dtype == torch.float32 else "tf32",
-        BLOCK_M=min(block_m, max(16, triton.next_power_of_2(Tq))),
-        BLOCK_N=min(block_n, max(16, triton.next_power_of_2(T))),
-        BLOCK_D=block_d,
-        num_warps=num_warps,
-        num_stages=2,
-    )
+def _head_args(head_dim: int, dtype: torch.dtype) -> dict:
+    """The constexprs fixed by the inputs: the head dim, padded to a power of two (at least 16,
+    tl.dot's minimum) for the tiles, and the dot precision."""
+    return dict(D=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+                PRECISION="ieee" if dtype == torch.float32 else "tf32")
 
 
 @torch.library.custom_op("hybrid_lm::interleaved_attention_fwd", mutates_args=())
@@ -255,10 +264,8 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: tor
     T, Hkv = k.shape[1], k.shape[2]
     o = new_output(q.shape, q.dtype, q.device)
     lse = new_output((B, H, Tq), torch.float32, q.device)
-    cfg = _launch_config(Tq, T, D, q.dtype)
-    grid = (triton.cdiv(Tq, cfg["BLOCK_M"]), B * H)
-    _fwd_kernel[grid](q, k, v, q_pos, o, lse, Tq, T, H, H // Hkv, window or 0, scale * LOG2E,
-                      HAS_WINDOW=window is not None, **cfg)
+    _fwd_kernel[lambda META: (triton.cdiv(Tq, META["BLOCK_M"]), B * H)](
+        q, k, v, q_pos, o, lse, Tq, T, H, H // Hkv, window, scale * LOG2E, **_head_args(D, q.dtype))
     return o, lse
 
 
@@ -280,13 +287,12 @@ def _attention_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: tor
     dk = new_output(k.shape, k.dtype, k.device)
     dv = new_output(v.shape, v.dtype, v.device)
     delta = new_output((B, H, Tq), torch.float32, q.device)
-    cfg = _launch_config(Tq, T, D, q.dtype)
-    args = (Tq, T, H, H // Hkv, window or 0, scale, scale * LOG2E)
+    args = (Tq, T, H, H // Hkv, window, scale, scale * LOG2E)
     # the dQ kernel writes delta, which the dK/dV kernel reads: same stream, so ordered
-    _bwd_dq_kernel[(triton.cdiv(Tq, cfg["BLOCK_M"]), B * H)](
-        q, k, v, q_pos, o, lse, do, dq, delta, *args, HAS_WINDOW=window is not None, **cfg)
-    _bwd_dkdv_kernel[(triton.cdiv(T, cfg["BLOCK_N"]), B * Hkv)](
-        q, k, v, q_pos, lse, do, delta, dk, dv, *args, HAS_WINDOW=window is not None, **cfg)
+    _bwd_dq_kernel[lambda META: (triton.cdiv(Tq, META["BLOCK_M"]), B * H)](
+        q, k, v, q_pos, o, lse, do, dq, delta, *args, **_head_args(D, q.dtype))
+    _bwd_dkdv_kernel[lambda META: (triton.cdiv(T, META["BLOCK_N"]), B * Hkv)](
+        q, k, v, q_pos, lse, do, delta, dk, dv, *args, **_head_args(D, q.dtype))
     return dq, dk, dv
 
 
@@ -314,13 +320,43 @@ torch.library.register_autograd("hybrid_lm::interleaved_attention_fwd", _backwar
 
 def interleaved_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
                           window: Optional[int] = None, scale: Optional[float] = None) -> torch.Tensor:
-    """Masked attention of queries at absolute positions `q_pos` over keys 0..T-1.
+    r"""Masked attention of queries at absolute positions `q_pos` over keys 0..T-1.
 
-    q [B,Tq,H,Dh], any float dtype; k and v [B,T,Hkv,Dh] in q's dtype, with H divisible by Hkv;
-    q_pos [Tq] int32/int64 in any order. Query i sees key j iff j <= q_pos[i] and (window is None
-    or q_pos[i] - j < window); query head h reads KV head h // (H // Hkv); scale defaults to
-    Dh ** -0.5. Returns o with q's shape and dtype; a query that sees no key outputs zeros. Dh is
-    at most 256.
+    Query i sees key j iff j <= q_pos[i] and (window is None or q_pos[i] - j < window); query
+    head h reads KV head h // (H // Hkv) (GQA). A query that sees no key outputs zeros and gets
+    zero gradient. Differentiable in q, k and v. See docs/kernels.md.
+
+    Args:
+        q (torch.Tensor):
+            Queries of shape `[B, Tq, H, Dh]`, any float dtype, Dh at most 256.
+        k (torch.Tensor):
+            Keys of shape `[B, T, Hkv, Dh]` in q's dtype, with H divisible by Hkv.
+        v (torch.Tensor):
+            Values of shape `[B, T, Hkv, Dh]` in q's dtype.
+        q_pos (torch.Tensor):
+            The absolute position of each query, int32/int64 of shape `[Tq]`, shared by every
+            batch row, in any order.
+        window (Optional[int]):
+            Sliding window: a query sees itself and the window-1 keys before it. A positive int,
+            or `None` for full causal attention. Default: `None`.
+        scale (Optional[float]):
+            Softmax scale. Default: `None` (`Dh ** -0.5`).
+
+    Returns:
+        o (torch.Tensor):
+            Outputs of q's shape `[B, Tq, H, Dh]` and dtype.
+
+    Example::
+        >>> import torch
+        >>> from hybrid_lm.kernels import interleaved_attention
+        >>> B, T, H, Hkv, Dh = 2, 16, 4, 2, 8
+        >>> k, v = torch.randn(B, T, Hkv, Dh), torch.randn(B, T, Hkv, Dh)
+        >>> q_pos = torch.arange(1, T, 2)  # every second position
+        >>> q = torch.randn(B, q_pos.numel(), H, Dh, requires_grad=True)
+        >>> o = interleaved_attention(q, k, v, q_pos, window=4)
+        >>> o.shape
+        torch.Size([2, 8, 4, 8])
+        >>> o.sum().backward()
     """
     dims = {}
     check("q", q, ("B", "Tq", "H", "Dh"), dims, FLOAT_DTYPES)

@@ -28,6 +28,19 @@ def _slots(state_indices: Optional[Tensor], batch: int, device) -> Tensor:
     return state_indices.long()
 
 
+def _per_sequence(run, cu_seqlens: Tensor, initial_state: Optional[Tensor], output_final_state: bool):
+    """A packed batch [1, T, ...] as its sequences one by one: `run(time_slice, initial_state_row)`
+    returns (y, final_state) of one sequence; the outputs join along T, the final states along N."""
+    bounds = cu_seqlens.tolist()
+    ys, finals = [], []
+    for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        y, final = run(slice(start, end), None if initial_state is None else initial_state[i:i + 1])
+        ys.append(y)
+        finals.append(final)
+    y = torch.cat(ys, dim=1)
+    return (y, torch.cat(finals, dim=0)) if output_final_state else y
+
+
 def gmu(gate: Tensor, memory: Tensor) -> Tensor:
     acc = _acc(memory)
     return (memory.to(acc) * F.silu(gate.to(acc))).to(memory.dtype)
@@ -41,15 +54,8 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, acti
                   initial_state: Optional[Tensor] = None, output_final_state: bool = False,
                   cu_seqlens: Optional[Tensor] = None):
     if cu_seqlens is not None:
-        bounds = cu_seqlens.tolist()
-        ys, finals = [], []
-        for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
-            init = None if initial_state is None else initial_state[i:i + 1]
-            y, f = causal_conv1d(x[:, s:e], weight, bias, activation, init, True)
-            ys.append(y)
-            finals.append(f)
-        y = torch.cat(ys, dim=1)
-        return (y, torch.cat(finals, dim=0)) if output_final_state else y
+        return _per_sequence(lambda t, init: causal_conv1d(x[:, t], weight, bias, activation, init, True),
+                             cu_seqlens, initial_state, output_final_state)
 
     batch, T, dim = x.shape
     width = weight.shape[1]
@@ -104,17 +110,10 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     second loop carries the true state across chunk boundaries and adds its decayed
     contribution back. Fast enough on a CPU to train tiny models, and fully differentiable."""
     if cu_seqlens is not None:
-        bounds = cu_seqlens.tolist()
-        ys, finals = [], []
-        for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
-            sl = slice(s, e)
-            y, f = selective_scan(u[:, sl], delta[:, sl], A, B[:, sl], C[:, sl], D,
-                                  None if z is None else z[:, sl], delta_bias, delta_softplus,
-                                  None if initial_state is None else initial_state[i:i + 1], True)
-            ys.append(y)
-            finals.append(f)
-        y = torch.cat(ys, dim=1)
-        return (y, torch.cat(finals, dim=0)) if output_final_state else y
+        return _per_sequence(lambda t, init: selective_scan(u[:, t], delta[:, t], A, B[:, t], C[:, t], D,
+                                                            None if z is None else z[:, t], delta_bias,
+                                                            delta_softplus, init, True),
+                             cu_seqlens, initial_state, output_final_state)
 
     batch, T, dim = u.shape
     N = A.shape[1]

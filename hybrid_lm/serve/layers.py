@@ -42,23 +42,12 @@ from vllm.model_executor.layers.mamba.abstract import MambaBase
 from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 
 from hybrid_lm import kernels as K
-from hybrid_lm.archs import layers as hf
+from hybrid_lm.archs import layers as arch_layers
 from hybrid_lm.archs.config import HybridConfig
+from hybrid_lm.archs.layers import Step
 from hybrid_lm.archs.model import add_backbone, run_decoder_layers
 
 Tensor = torch.Tensor
-
-
-class ServeStep:
-    """The per-forward object our layers read (hybrid_lm.archs.layers.Step's role): positions
-    [1, N] and, for SambaY, the GMU memory. No cache: vLLM holds the state."""
-
-    def __init__(self, positions: Tensor):
-        self.positions = positions[None]
-        self.cache = None
-        self.memory: Optional[Tensor] = None
-        self.hidden_states = self.attentions = None  # vLLM asks for neither
-        self.recording = False
 
 
 def layer_metadata(prefix: str):
@@ -67,21 +56,26 @@ def layer_metadata(prefix: str):
     return None if metadata is None else metadata.get(prefix)
 
 
-def paged_attention(layer: hf.Attention, prefix: str, kv_source: Optional[str] = None) -> PagedAttention:
+def paged_head_size(layer: arch_layers.Attention) -> int:
+    """The head size of one paged K,V entry: differential attention stores each head pair's keys
+    padded to 2 x head_dim and its values duplicated (vLLM's attention wants one head size)."""
+    return layer.head_dim * (2 if layer.differential else 1)
+
+
+def paged_attention(layer: arch_layers.Attention, prefix: str, kv_source: Optional[str] = None) -> PagedAttention:
     """vLLM's attention (paged KV cache) for one of our attention layers: its heads, its window."""
     cache_config = get_current_vllm_config().cache_config
     if layer.window is None and cache_config.sliding_window is not None:
         # vLLM applies the config's sliding_window to a layer that names none; ours are per layer
         cache_config = copy.copy(cache_config)
         cache_config.sliding_window = None
-    differential = hasattr(layer, "inner_cross_attn")
-    return PagedAttention(num_heads=layer.heads, head_size=layer.head_dim * (2 if differential else 1),
+    return PagedAttention(num_heads=layer.heads, head_size=paged_head_size(layer),
                           scale=layer.head_dim ** -0.5, num_kv_heads=layer.kv_heads, cache_config=cache_config,
                           per_layer_sliding_window=layer.window, prefix=f"{prefix}.paged",
                           kv_sharing_target_layer_name=kv_source)
 
 
-class Attention(hf.Attention):
+class Attention(arch_layers.Attention):
     """Our attention (projections, QK-norm, RoPE, differential combination) over vLLM's paged
     KV cache. A cross layer (SambaY) computes queries only and reads `kv_source`'s cache."""
 
@@ -91,7 +85,7 @@ class Attention(hf.Attention):
         self.differential = config.differential_attention
         self.paged = paged_attention(self, prefix, kv_source if cross else None)
 
-    def forward(self, x: Tensor, step: ServeStep) -> Tensor:
+    def forward(self, x: Tensor, step: Step) -> Tensor:
         q = self._q(x, step.positions)[0]
         k = v = None
         if not self.cross:
@@ -150,7 +144,7 @@ def mamba_state_shapes(config: HybridConfig) -> tuple[tuple[int, int], tuple[int
     return (config.mamba_d_inner, config.mamba_d_conv - 1), (config.mamba_d_inner, config.mamba_d_state)
 
 
-class Mamba(hf.Mamba, StateSlots):
+class Mamba(arch_layers.Mamba, StateSlots):
     """Our Mamba-1 mixer on vLLM's state slots: decode rows step their slots in place, prefill
     chunks run the varlen conv and scan from their slot (zeros for a new request) and write the
     final states back. With prefix caching (align mode) a request's slot is that of the block
@@ -163,11 +157,11 @@ class Mamba(hf.Mamba, StateSlots):
     compiled graph there, as at attention)."""
 
     def __init__(self, config: HybridConfig, layer_idx: int, *, prefix: str):
-        hf.Mamba.__init__(self, config, layer_idx)
+        arch_layers.Mamba.__init__(self, config, layer_idx)
         self.state_shapes = mamba_state_shapes(config)
         self.register(prefix)
 
-    def forward(self, x: Tensor, step: ServeStep, return_memory: bool = False):
+    def forward(self, x: Tensor, step: Step, return_memory: bool = False):
         xs, z = self.in_proj(x[0]).chunk(2, dim=-1)  # [N, Di] each
         y = torch.empty_like(xs)
         torch.ops.hybrid_lm.serve_mamba_mixer(xs, z, not return_memory, y, self.prefix)
@@ -217,7 +211,7 @@ def _(xs: Tensor, z: Tensor, gated: bool, y: Tensor, layer_name: str) -> None:
     return None
 
 
-class LayerFactory:
+class PagedLayerFactory(arch_layers.LayerFactory):
     """The layer classes a family's layout asks for (Mamba, Attention, GMU), built for vLLM
     under `prefix`; SambaY's cross layers share the cache of the layer built with shares_kv."""
 
@@ -239,7 +233,7 @@ class LayerFactory:
         return Attention(config, layer_idx, window, cross, shares_kv, prefix=self.name(layer_idx),
                          kv_source=self.kv_source)
 
-    GMU = staticmethod(hf.GMU)
+    GMU = staticmethod(arch_layers.GMU)
 
 
 class DecoderUnit(nn.Module):
@@ -265,7 +259,7 @@ class Decoder(DecoderUnit):
     """Every layer, then the final norm."""
 
     def forward(self, h: Tensor, positions: Tensor) -> Tensor:
-        return self.normed(run_decoder_layers(self.layers, h[None], ServeStep(positions))[0])
+        return self.normed(run_decoder_layers(self.layers, h[None], Step.serving(positions))[0])
 
 
 class CausalLM(nn.Module):
@@ -280,7 +274,8 @@ class CausalLM(nn.Module):
         self.config = config
         prefix = f"{prefix}." if prefix else ""
         self.model = nn.Module()  # first: parameter names are those of their first parent, model.*
-        add_backbone(self.model, config, self.build_mixers(config, LayerFactory(prefix)), **self.extra_modules(config))
+        mixers = self.build_mixers(config, PagedLayerFactory(prefix))
+        add_backbone(self.model, config, mixers, **self.extra_modules(config))
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

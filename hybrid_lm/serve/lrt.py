@@ -24,24 +24,30 @@ from torch import nn
 from vllm.model_executor.layers.mamba.mamba_utils import MambaStateCopyFuncCalculator
 from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid
 
-from hybrid_lm.archs import lrt as hf_lrt
+from hybrid_lm.archs import lrt as arch_lrt
 from hybrid_lm.archs.config import LRTConfig
+from hybrid_lm.archs.layers import Step
 
-from .layers import CausalLM, LayerFactory, ServeStep, StateSlots, layer_metadata, paged_attention
+from .layers import CausalLM, PagedLayerFactory, StateSlots, layer_metadata, paged_attention
 
 Tensor = torch.Tensor
+
+
+def latent_state_shapes(config: LRTConfig) -> tuple[tuple[int]]:
+    """LRT's per-request state: the latent [d] (the last token's final normed hidden state), fp32."""
+    return ((config.hidden_size,),)
 
 
 class LatentState(nn.Module, StateSlots):
     """One [d] fp32 latent per request slot."""
 
-    def __init__(self, hidden_size: int, *, prefix: str):
+    def __init__(self, config: LRTConfig, *, prefix: str):
         super().__init__()
-        self.state_shapes = ((hidden_size,),)
+        self.state_shapes = latent_state_shapes(config)
         self.register(prefix)
 
 
-class LRTAttention(hf_lrt.LRTAttention):
+class LRTAttention(arch_lrt.LRTAttention):
     """LRT's attention (memory feedback into K,V) over vLLM's paged cache, one pass at a time:
     step.rows are the pass's tokens among the batch's N, step.kv[layer] the batch's latest K,V."""
 
@@ -49,7 +55,7 @@ class LRTAttention(hf_lrt.LRTAttention):
         super().__init__(config, layer_idx)
         self.paged = paged_attention(self, prefix)
 
-    def forward(self, x: Tensor, step: ServeStep, feedback: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, step: Step, feedback: Optional[Tensor] = None) -> Tensor:
         k, v = (t[0] for t in self._kv(x, step.positions, feedback))
         q = self._q(x, step.positions)[0]
         rows, kv = step.rows, step.kv[self.layer_idx]
@@ -61,23 +67,23 @@ class LRTAttention(hf_lrt.LRTAttention):
         return self.out_proj((o if kv is None else o[rows])[None])
 
 
-class LRTForCausalLM(hf_lrt.LRTLayers, CausalLM, HasInnerState, IsHybrid):
+class LRTForCausalLM(arch_lrt.LRTLayers, CausalLM, HasInnerState, IsHybrid):
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         # vLLM orders state layers by the one integer in their name: the latent comes after the last layer
         L = self.config.num_hidden_layers
-        self.latent = LatentState(self.config.hidden_size,
+        self.latent = LatentState(self.config,
                                   prefix=f"{prefix}.model.layers.{L}.latent" if prefix else f"model.layers.{L}.latent")
 
-    def build_mixers(self, config: LRTConfig, factory: LayerFactory) -> list[nn.Module]:
+    def build_mixers(self, config: LRTConfig, factory: PagedLayerFactory) -> list[nn.Module]:
         return [LRTAttention(config, i, prefix=factory.name(i)) for i in range(config.num_hidden_layers)]
 
     def extra_modules(self, config: LRTConfig) -> dict[str, nn.Module]:
-        return {"feedback": hf_lrt.feedback_projections(config)}
+        return {"feedback": arch_lrt.feedback_projections(config)}
 
     @classmethod
     def get_mamba_state_shape_from_config(cls, vllm_config):
-        return ((vllm_config.model_config.hf_config.hidden_size,),)
+        return latent_state_shapes(vllm_config.model_config.hf_config)
 
     @classmethod
     def get_mamba_state_dtype_from_config(cls, vllm_config):
@@ -87,7 +93,7 @@ class LRTForCausalLM(hf_lrt.LRTLayers, CausalLM, HasInnerState, IsHybrid):
     def get_mamba_state_copy_func(cls):
         return MambaStateCopyFuncCalculator.linear_attention_state_copy_func()
 
-    def _pass(self, h: Tensor, step: ServeStep, positions: Tensor, rows: Tensor, memory: Optional[Tensor]) -> Tensor:
+    def _pass(self, h: Tensor, step: Step, positions: Tensor, rows: Tensor, memory: Optional[Tensor]) -> Tensor:
         """Final states [n, d] of the tokens at `rows` (embeddings h [N, d]) with their memory."""
         step.rows, step.positions = rows, positions[rows][None]
         return self.final_state(self.run_layers(h[None, rows], step, None if memory is None else memory[None]))[0]
@@ -98,7 +104,7 @@ class LRTForCausalLM(hf_lrt.LRTLayers, CausalLM, HasInnerState, IsHybrid):
         would keep the passes of the batch it was traced on."""
 
     def hidden_states(self, h: Tensor, positions: Tensor) -> Tensor:
-        step = ServeStep(positions)
+        step = Step.serving(positions)
         N, L = h.shape[0], self.config.num_hidden_layers
         step.kv = [None] * L
         everything = torch.arange(N, device=h.device)

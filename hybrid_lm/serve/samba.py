@@ -32,10 +32,11 @@ from vllm.model_executor.layers.mamba.mamba_utils import MambaStateCopyFuncCalcu
 from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid, SupportsMambaPrefixCaching
 
 from hybrid_lm.archs.config import SambaConfig, SambaYConfig
+from hybrid_lm.archs.layers import Step
 from hybrid_lm.archs.model import run_decoder_layers
 from hybrid_lm.archs.samba import cross_decoder_start, run_self_decoder, samba_mixers, sambay_mixers
 
-from .layers import CausalLM, DecoderUnit, LayerFactory, ServeStep, layer_metadata, mamba_state_shapes
+from .layers import CausalLM, DecoderUnit, PagedLayerFactory, layer_metadata, mamba_state_shapes
 
 Tensor = torch.Tensor
 
@@ -58,7 +59,7 @@ class MambaHybrid(CausalLM, HasInnerState, IsHybrid, SupportsMambaPrefixCaching)
 
 
 class SambaForCausalLM(MambaHybrid):
-    def build_mixers(self, config: SambaConfig, factory: LayerFactory) -> list[nn.Module]:
+    def build_mixers(self, config: SambaConfig, factory: PagedLayerFactory) -> list[nn.Module]:
         return samba_mixers(config, factory)
 
 
@@ -67,7 +68,7 @@ class SelfDecoder(DecoderUnit):
     """SambaY's self-decoder over every token: (h, GMU memory), and the shared K,V in the cache."""
 
     def forward(self, h: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
-        step = ServeStep(positions)
+        step = Step.serving(positions)
         h = run_self_decoder(self.layers, h[None], step)
         return h[0], step.memory[0]
 
@@ -77,7 +78,7 @@ class CrossDecoder(DecoderUnit):
     """SambaY's cross-decoder (GMUs, cross-attention) and the final norm, over the rows given."""
 
     def forward(self, h: Tensor, positions: Tensor, memory: Tensor) -> Tensor:
-        step = ServeStep(positions)
+        step = Step.serving(positions)
         step.memory = memory[None]
         return self.normed(run_decoder_layers(self.layers, h[None], step)[0])
 
@@ -88,7 +89,7 @@ class SambaYForCausalLM(MambaHybrid):
     every row; with it, vLLM tells the cross-attention layers which rows will be sampled
     (`logits_indices_padded` in their metadata) and builds their metadata for those rows alone."""
 
-    def build_mixers(self, config: SambaYConfig, factory: LayerFactory) -> list[nn.Module]:
+    def build_mixers(self, config: SambaYConfig, factory: PagedLayerFactory) -> list[nn.Module]:
         return sambay_mixers(config, factory)
 
     def build_decoders(self, vllm_config, prefix: str) -> None:

@@ -5,9 +5,9 @@ from torch import nn
 
 from hybrid_lm.archs.config import TransformerConfig
 
-from .layers import CausalLM, LayerFactory
+from .layers import CausalLM, PagedLayerFactory
 
 
 class TransformerForCausalLM(CausalLM):
-    def build_mixers(self, config: TransformerConfig, factory: LayerFactory) -> list[nn.Module]:
+    def build_mixers(self, config: TransformerConfig, factory: PagedLayerFactory) -> list[nn.Module]:
         return [factory.Attention(config, i, window=config.sliding_window) for i in range(config.num_hidden_layers)]

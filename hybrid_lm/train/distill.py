@@ -10,13 +10,15 @@ learns from a teacher causal LM (any AutoModelForCausalLM directory, ours includ
             training rows are written once to safetensors shards (cache_topk) and reused by every
             later run; the KD term is sparse_kd_loss, whose missing teacher mass is one explicit
             "other" bucket (see there).
-  sequence  sequence-level KD: the teacher completes prompts (transformers generate, or vLLM when
-            importable and on a GPU); the generations are written once to sequences.jsonl and the
-            student trains on them with the loss masked to the completion tokens.
+  sequence  sequence-level KD: the teacher completes prompts (--gen-engine: vLLM, by default when
+            importable and on a GPU, or transformers generate); the generations are written once to
+            sequences.jsonl and the student trains on them with the loss masked to the completion
+            tokens.
 
 Teacher and student must share the vocabulary: a different vocab_size (or tokenizer) is a
-ValueError. Loss terms are computed in chunks of tokens (--chunk-tokens), each chunk recomputed
-in the backward pass, so fp32 copies of the [tokens, vocab] logits are bounded by one chunk.
+ValueError. The loss terms (hybrid_lm.train.losses) are computed in chunks of --chunk-tokens
+tokens, each chunk recomputed in the backward pass, so fp32 copies of the [tokens, vocab] logits
+are bounded by one chunk.
 The output directory is pretrain's: atomic checkpoints (resumable with --resume) with the latest
 linked at the top as an HF model directory, metrics.jsonl (validation rows add val_loss, val_bpb and val_kl, the student's mean
 KL(teacher || student) at temperature 1 on held-out rows) and loss.png.
@@ -24,163 +26,27 @@ KL(teacher || student) at temperature 1 on held-out rows) and loss.png.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
-import math
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Iterable, Optional
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from hybrid_lm.archs.config import ARCHS
 from hybrid_lm.cli import module_main, non_negative_float, positive_float, positive_int, unit_float
 
 from . import data, optim, pretrain
+from .losses import IGNORE, ce_loss, kd_loss, sparse_kd_loss
 
 CACHE_INDEX = "index.json"
 SEQUENCES_FILE = "sequences.jsonl"
-IGNORE = -100  # target id of the positions that carry no loss (prompt and padding)
-
-
-# ---------------------------------------------------------------------------------------------
-# losses (plain functions; every one returns the mean over the unmasked tokens)
-# ---------------------------------------------------------------------------------------------
-
-def _chunked(fn: Callable[..., torch.Tensor], chunk_tokens: int, *tensors: torch.Tensor) -> torch.Tensor:
-    """fn over chunks of the leading (token) dimension of tensors, concatenated: per-token values
-    [N]. When gradients flow, each chunk is recomputed in the backward pass (activation
-    checkpointing), so the fp32 intermediates fn makes live for one chunk at a time."""
-    n = tensors[0].shape[0]
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    outs = []
-    for s in range(0, n, chunk_tokens):
-        part = [t[s:s + chunk_tokens] for t in tensors]
-        outs.append(checkpoint(fn, *part, use_reentrant=False) if grad else fn(*part))
-    return torch.cat(outs) if outs else tensors[0].new_zeros(0, dtype=torch.float32)
-
-
-def _masked_mean(values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    if mask is None:
-        return values.mean()
-    mask = mask.reshape(-1).to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp_min(1)
-
-
-def _kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) per row from log-probs (0 log 0 = 0)."""
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
-
-
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
-            kind: str = "kl", beta: float = 0.5, mask: Optional[torch.Tensor] = None,
-            chunk_tokens: int = 1024) -> torch.Tensor:
-    """Logit distillation loss, mean over tokens (those where mask is true), times temperature^2.
-
-    student_logits, teacher_logits: [..., V] (any float dtype; same shape). p = softmax(teacher /
-    T), q = softmax(student / T).
-      kind="kl":  forward KL(p || q).
-      kind="jsd": generalized JSD (GKD, Agarwal et al. 2024): with m = beta p + (1 - beta) q,
-                  beta KL(p || m) + (1 - beta) KL(q || m); beta = 0 gives KL(p || q) and
-                  beta = 1 gives KL(q || p) (the limits, up to scale, as in TRL).
-    Computed chunk_tokens rows at a time in fp32 (see _chunked)."""
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
-                         f"{tuple(teacher_logits.shape)} differ: the vocabularies must match")
-    if kind not in ("kl", "jsd"):
-        raise ValueError(f"kind: 'kl' or 'jsd', got {kind!r}")
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta: must be in [0, 1], got {beta}")
-    V = student_logits.shape[-1]
-
-    def per_token(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        log_q = F.log_softmax(s.float() / temperature, dim=-1)
-        log_p = F.log_softmax(t.float() / temperature, dim=-1)
-        if kind == "kl" or beta == 0.0:
-            return _kl_rows(log_p, log_q)
-        if beta == 1.0:
-            return _kl_rows(log_q, log_p)
-        log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_q + math.log(1 - beta)]), dim=0)
-        return beta * _kl_rows(log_p, log_m) + (1 - beta) * _kl_rows(log_q, log_m)
-
-    values = _chunked(per_token, chunk_tokens, student_logits.reshape(-1, V), teacher_logits.reshape(-1, V))
-    return _masked_mean(values, mask) * temperature ** 2
-
-
-def sparse_kd_loss(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
-                   temperature: float = 1.0, mask: Optional[torch.Tensor] = None,
-                   chunk_tokens: int = 1024) -> torch.Tensor:
-    """KL(teacher || student) from the teacher's top-k log-probs only, mean over tokens, times
-    temperature^2.
-
-    student_logits [..., V]; topk_ids (int) and topk_logprobs [..., k]: the teacher's k most likely
-    tokens and their log-probs, already at `temperature` (cache_topk stores log_softmax(teacher /
-    T)); the student is tempered here. The missing mass is handled explicitly: the teacher's
-    remaining mass p_o = 1 - sum_k exp(topk_logprobs) is one "other" bucket, compared with the
-    student's mass outside the same k tokens, q_o = sum_{v not in top-k} q_v, so the loss is the
-    exact KL between the two (k + 1)-bucket distributions:
-        sum_k p_k (log p_k - log q_k) + p_o (log p_o - log q_o).
-    It is a lower bound of the full KL, equal to it when k = V or the teacher's other mass is 0.
-    A p_o below the rounding noise of summing k fp32 probabilities (k * 2^-23) counts as 0."""
-    V, k = student_logits.shape[-1], topk_ids.shape[-1]
-    noise = k * 2.0 ** -23
-
-    def per_token(s: torch.Tensor, ids: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
-        log_q = F.log_softmax(s.float() / temperature, dim=-1)
-        lp = lp.float()
-        log_q_k = log_q.gather(-1, ids)
-        top = (lp.exp() * (lp - log_q_k)).sum(-1)
-        p_o = (1 - lp.exp().sum(-1)).clamp_min(0)
-        p_o = torch.where(p_o > noise, p_o, torch.zeros_like(p_o))
-        outside = torch.ones_like(log_q).scatter_(-1, ids, 0.0)
-        q_o = (log_q.exp() * outside).sum(-1).clamp_min(torch.finfo(torch.float32).tiny)
-        other = p_o * (torch.log(p_o.clamp_min(torch.finfo(torch.float32).tiny)) - torch.log(q_o))
-        return top + other
-
-    values = _chunked(per_token, chunk_tokens, student_logits.reshape(-1, V), topk_ids.reshape(-1, k).long(),
-                      topk_logprobs.reshape(-1, k))
-    return _masked_mean(values, mask) * temperature ** 2
-
-
-def ce_loss(logits: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = 1024) -> torch.Tensor:
-    """Mean next-token cross-entropy over targets != IGNORE, chunked like kd_loss."""
-    V = logits.shape[-1]
-    targets = targets.reshape(-1)
-    keep = targets != IGNORE
-
-    def per_token(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(s.float(), t.clamp_min(0), reduction="none")
-
-    return _masked_mean(_chunked(per_token, chunk_tokens, logits.reshape(-1, V), targets), keep)
 
 
 # ---------------------------------------------------------------------------------------------
 # models
 # ---------------------------------------------------------------------------------------------
-
-def is_ours(model) -> bool:
-    return getattr(pretrain.unwrap(model).config, "arch", None) in ARCHS
-
-
-def model_logits(model, inputs: torch.Tensor, cu_seqlens: list, packed: Optional[bool] = None) -> torch.Tensor:
-    """Logits [B, T, V] of rows of packed documents, each document seen on its own. Our models
-    (packed=None or True) run the rows as one packed sequence with cu_seqlens (LRT: one row per
-    sequence, as in pretrain.token_losses); any other causal LM (packed=False) runs each document
-    segment separately, so no attention crosses a document boundary."""
-    B, T = inputs.shape
-    if packed is None:
-        packed = is_ours(model)
-    if packed:
-        if pretrain.is_lrt(model):
-            return model(inputs).logits
-        cu = data.pack_cu_seqlens(cu_seqlens, T).to(inputs.device)
-        return model(inputs.reshape(1, B * T), cu_seqlens=cu).logits.view(B, T, -1)
-    rows = []
-    for b in range(B):
-        bounds = cu_seqlens[b].tolist()
-        rows.append(torch.cat([model(inputs[b:b + 1, s:e]).logits[0] for s, e in zip(bounds[:-1], bounds[1:]) if e > s]))
-    return torch.stack(rows)
-
 
 def load_teacher(path: str, device: torch.device, dtype: Optional[torch.dtype] = None):
     """Any AutoModelForCausalLM directory or name, frozen, in eval mode."""
@@ -193,7 +59,7 @@ def load_teacher(path: str, device: torch.device, dtype: Optional[torch.dtype] =
 
 def check_vocab(teacher, student, tokenizer=None, teacher_tokenizer=None) -> None:
     """Teacher, student (and tokenizers, where given) must share one vocabulary: ValueError if not."""
-    tv, sv = teacher.config.vocab_size, pretrain.unwrap(student).config.vocab_size
+    tv, sv = teacher.config.vocab_size, optim.unwrap(student).config.vocab_size
     if tv != sv:
         raise ValueError(f"vocabulary mismatch: the teacher has vocab_size {tv}, the student {sv}; "
                          "distillation needs the same tokenizer and vocabulary")
@@ -238,7 +104,7 @@ def cache_topk(teacher, rows: data.PackedRows, num_rows: int, k: int, path, temp
                 inputs, targets, cu = rows.batch(min(batch_size, n - got))
             except StopIteration:
                 break
-            logits = model_logits(teacher, inputs.to(device), cu)
+            logits = pretrain.model_logits(teacher, inputs.to(device), cu)
             lp = F.log_softmax(logits.float() / temperature, dim=-1)
             top = lp.topk(k, dim=-1)
             tokens.append(torch.cat([inputs, targets[:, -1:]], dim=1))
@@ -324,22 +190,22 @@ def prompts_from_documents(documents: Iterable[str], tokenizer, n: int, prompt_t
 
 @torch.no_grad()
 def generate(teacher_path: str, teacher, prompts: list[list[int]], max_new_tokens: int, eos_id: int,
-             temperature: float = 0.0, use_vllm: Optional[bool] = None) -> list[list[int]]:
-    """The teacher's completion of every prompt (token ids, up to and including eos): with vLLM
-    when it is importable and a GPU is present (use_vllm=None), else transformers generate,
-    one prompt at a time (no padding: every architecture of ours handles it). temperature 0:
-    greedy."""
-    if use_vllm is None:
-        try:
-            import vllm  # noqa: F401
-            use_vllm = torch.cuda.is_available()
-        except ImportError:
-            use_vllm = False
-    if use_vllm:
-        from vllm import LLM, SamplingParams
-        llm = LLM(teacher_path)
-        params = SamplingParams(temperature=temperature, max_tokens=max_new_tokens)
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+             temperature: float = 0.0, engine: str = "auto") -> list[list[int]]:
+    """The teacher's completion of every prompt (token ids, up to and including eos), by
+    `engine`: "vllm" (hybrid-lm's own vLLM engine, hybrid_lm.bench.vllm_engine.serve, with the
+    teacher's dtype), "transformers" (generate, one prompt at a time: no padding, which every
+    architecture of ours handles), or "auto": vLLM when it is importable and a GPU is present.
+    temperature 0: greedy."""
+    if engine == "auto":
+        engine = "vllm" if torch.cuda.is_available() and importlib.util.find_spec("vllm") else "transformers"
+    if engine == "vllm":
+        from vllm import SamplingParams
+
+        from hybrid_lm.bench.vllm_engine import serve
+        params = SamplingParams(temperature=temperature, max_tokens=max_new_tokens, stop_token_ids=[eos_id])
+        max_len = max(len(p) for p in prompts) + max_new_tokens
+        with serve(teacher_path, max_len, next(teacher.parameters()).dtype) as llm:
+            outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         return [list(o.outputs[0].token_ids) for o in outs]
     device = next(teacher.parameters()).device
     completions = []
@@ -396,7 +262,7 @@ def sequence_pairs(args, teacher, tokenizer, documents, out: Path, main_rank: bo
             else:
                 prompts = prompts_from_documents(documents, tokenizer, args.num_prompts, args.prompt_tokens)
             completions = generate(args.teacher, teacher, prompts, args.gen_tokens, tokenizer.eos_token_id,
-                                   args.gen_temperature)
+                                   args.gen_temperature, args.gen_engine)
             tmp = path.with_suffix(".tmp")
             tmp.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in zip(prompts, completions)))
             tmp.replace(path)
@@ -423,7 +289,7 @@ def evaluate_kl(student, teacher, tokenizer, documents, seq_len: int, device: to
         except StopIteration:
             break
         inputs = inputs.to(device)
-        total += kd_loss(model_logits(student, inputs, cu), model_logits(teacher, inputs, cu)).item() * inputs.numel()
+        total += kd_loss(pretrain.model_logits(student, inputs, cu), pretrain.model_logits(teacher, inputs, cu)).item() * inputs.numel()
         tokens += inputs.numel()
     student.train()
     if tokens == 0:
@@ -456,6 +322,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-tokens", type=positive_int, default=32)
     parser.add_argument("--gen-tokens", type=positive_int, default=64)
     parser.add_argument("--gen-temperature", type=non_negative_float, default=0.0, help="0: greedy")
+    parser.add_argument("--gen-engine", default="auto", choices=("auto", "vllm", "transformers"),
+                        help="what generates the teacher's completions (--mode sequence); auto: vLLM when it is "
+                        "installed and a GPU is present, else transformers")
 
 
 def build_student(args, tokenizer, device: torch.device):
@@ -463,7 +332,7 @@ def build_student(args, tokenizer, device: torch.device):
         return pretrain.build_model(args, tokenizer, device)
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(args.student).to(device)
-    if not is_ours(model):
+    if not pretrain.is_ours(model):
         raise ValueError(f"--student {args.student!r} is not a hybrid-lm model (config.arch not in {ARCHS})")
     return model
 
@@ -472,19 +341,19 @@ def step_loss(args, net, teacher, batch, device: torch.device) -> torch.Tensor:
     """The distillation loss of one batch."""
     if args.mode == "sequence":
         inputs, targets, cu = batch
-        logits = model_logits(net, inputs.to(device), cu)
+        logits = pretrain.model_logits(net, inputs.to(device), cu)
         return ce_loss(logits, targets.to(device), args.chunk_tokens)
     if args.mode == "topk":
         inputs, targets, cu, ids, lps = batch
     else:
         inputs, targets, cu = batch
     inputs, targets = inputs.to(device), targets.to(device)
-    logits = model_logits(net, inputs, cu)
+    logits = pretrain.model_logits(net, inputs, cu)
     if args.mode == "topk":
         kd = sparse_kd_loss(logits, ids.to(device), lps.to(device), args.temperature, chunk_tokens=args.chunk_tokens)
     else:
         with torch.no_grad():
-            teacher_logits = model_logits(teacher, inputs, cu)
+            teacher_logits = pretrain.model_logits(teacher, inputs, cu)
         kd = kd_loss(logits, teacher_logits, args.temperature, args.kind, args.beta, chunk_tokens=args.chunk_tokens)
     if args.kd_weight >= 1.0:
         return kd
@@ -494,11 +363,12 @@ def step_loss(args, net, teacher, batch, device: torch.device) -> torch.Tensor:
 def run(args: argparse.Namespace) -> int:
     if not Path(args.teacher).expanduser().exists() and data.looks_like_path(args.teacher):
         raise FileNotFoundError(f"--teacher {args.teacher!r}: no such folder")
-    rank, world, device, out, resume_from, main_rank, train_docs, val_docs = pretrain.start_run(args)
+    job = pretrain.start_run(args)
+    world, device = job.world, job.device
     teacher_dir = Path(args.teacher)
     teacher_tokenizer = data.load_tokenizer(args.teacher) if (teacher_dir / "tokenizer_config.json").is_file() else None
-    if resume_from is not None:
-        tokenizer = data.load_tokenizer(str(resume_from))
+    if job.resume_from is not None:
+        tokenizer = data.load_tokenizer(str(job.resume_from))
     elif args.tokenizer:
         tokenizer = data.load_tokenizer(args.tokenizer)
     elif teacher_tokenizer is not None:
@@ -511,17 +381,17 @@ def run(args: argparse.Namespace) -> int:
     model = build_student(args, tokenizer, device)
     check_vocab(teacher, model, tokenizer, teacher_tokenizer)
     pretrain.plan_steps(args, model, world)
-    state = pretrain.resume_model(model, resume_from)
+    state = pretrain.resume_model(model, job.resume_from)
     net = pretrain.wrap(model, args, world, device)
     optimizer = optim.build_optimizer(net, args.optimizer, args.lr)
 
     if args.mode == "topk":
-        cache = Path(args.cache) if args.cache else out / "topk_cache"
-        if main_rank:
-            cache_topk(teacher, data.PackedRows(train_docs, tokenizer, args.seq_len, seed=args.seed), args.cache_rows,
+        cache = Path(args.cache) if args.cache else job.out / "topk_cache"
+        if job.main:
+            cache_topk(teacher, data.PackedRows(job.train_docs, tokenizer, args.seq_len, seed=args.seed), args.cache_rows,
                        args.topk, cache, args.temperature, args.batch_size, device=device)
         pretrain.barrier(world)
-        rows_iter = TopkRows(cache, rank, world)
+        rows_iter = TopkRows(cache, job.rank, world)
         if (rows_iter.meta["temperature"], rows_iter.seq_len) != (args.temperature, args.seq_len):
             raise ValueError(f"top-k cache {cache} was written at temperature {rows_iter.meta['temperature']}, "
                              f"seq_len {rows_iter.seq_len}; this run asks {args.temperature}, {args.seq_len}")
@@ -529,24 +399,24 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"vocabulary mismatch: the top-k cache has vocab_size {rows_iter.meta['vocab_size']}, "
                              f"the student {model.config.vocab_size}")
     elif args.mode == "sequence":
-        pairs = sequence_pairs(args, teacher, tokenizer, train_docs, out, main_rank, world)
-        rows_iter = SequenceRows(pairs, args.seq_len, tokenizer.eos_token_id, rank, world)
+        pairs = sequence_pairs(args, teacher, tokenizer, job.train_docs, job.out, job.main, world)
+        rows_iter = SequenceRows(pairs, args.seq_len, tokenizer.eos_token_id, job.rank, world)
     else:
-        rows_iter = data.PackedRows(train_docs, tokenizer, args.seq_len, rank=rank, world_size=world, seed=args.seed)
+        rows_iter = data.PackedRows(job.train_docs, tokenizer, args.seq_len, rank=job.rank, world_size=world,
+                                    seed=args.seed)
 
     def loss_fn(batch) -> torch.Tensor:
         return step_loss(args, net, teacher, batch, device)
 
     def eval_fn(student) -> dict:
         with pretrain.autocast(device):
-            val_loss, val_bpb = pretrain.evaluate(student, tokenizer, val_docs, args.seq_len, device,
+            val_loss, val_bpb = pretrain.evaluate(student, tokenizer, job.val_docs, args.seq_len, device,
                                                   args.eval_batches, args.batch_size)
-            val_kl = evaluate_kl(student, teacher, tokenizer, val_docs, args.seq_len, device, args.eval_batches,
+            val_kl = evaluate_kl(student, teacher, tokenizer, job.val_docs, args.seq_len, device, args.eval_batches,
                                  args.batch_size)
         return {"val_loss": val_loss, "val_bpb": val_bpb, "val_kl": val_kl}
 
-    return pretrain.train_loop(args, net, optimizer, rows_iter, tokenizer, out, state, device, world, main_rank,
-                               loss_fn, eval_fn)
+    return pretrain.train_loop(args, job, net, optimizer, rows_iter, tokenizer, state, loss_fn, eval_fn)
 
 
 def main(argv: Optional[list] = None) -> int:

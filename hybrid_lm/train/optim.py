@@ -181,7 +181,7 @@ class Optimizers:
             opt.load_state_dict(state_dict[name])
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap(model: nn.Module) -> nn.Module:
     """The model inside DDP (.module) and torch.compile (._orig_mod) wrappers."""
     while True:
         inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
@@ -201,7 +201,7 @@ def split_params(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     D, conv1d weights (3-D), gammas and lambdas. Shared tensors appear once; each parameter is in
     exactly one group.
     """
-    inner = _unwrap(model)
+    inner = unwrap(model)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     head_ids = {id(head.weight)} if head is not None else set()
     embed_ids, matrix_ids = set(), set()
@@ -238,7 +238,7 @@ def build_optimizer(model: nn.Module, kind: str = "muon", lr_mult: float = 1.0,
     only; embeddings, head and vectors are never decayed. Each param group carries a "name".
     """
     groups = split_params(model)
-    width = _unwrap(model).get_input_embeddings().weight.shape[-1]
+    width = unwrap(model).get_input_embeddings().weight.shape[-1]
     adam_scale = lr_mult * (width / REFERENCE_WIDTH) ** -0.5
 
     def adam_group(name: str, lr: float, wd: float = 0.0) -> dict:
@@ -279,14 +279,3 @@ def wsd_schedule(step: int, total: int, warmup: int, decay_fraction: float = 0.2
         factor = min(factor, floor + (1.0 - floor) * progress)
     return factor
 
-
-def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float) -> float:
-    """Clip the global gradient norm to max_norm; returns the norm before clipping as a float.
-
-    torch.nn.utils.clip_grad_norm_ handles FSDP2 DTensor gradients itself (each shard's norm is
-    reduced across ranks); it then returns a DTensor, which this turns into a plain float.
-    """
-    norm = torch.nn.utils.clip_grad_norm_(list(params), max_norm)
-    if isinstance(norm, DTensor):
-        norm = norm.full_tensor()
-    return norm.item()

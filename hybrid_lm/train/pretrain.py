@@ -23,6 +23,7 @@ import os
 import tempfile
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -35,13 +36,10 @@ from torch.distributed.tensor import DTensor
 
 import hybrid_lm
 from hybrid_lm.archs.config import ARCHS, PRESETS
+from hybrid_lm.bench.common import flops_per_token, peak_flops, pyplot, save_figure
 from hybrid_lm.cli import module_main, non_negative_int, positive_float, positive_int
 
 from . import checkpoint, data, optim
-
-# peak dense bf16 FLOP/s of the GPUs we know, for MFU (None elsewhere: no meaningful peak)
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-
 
 # ---------------------------------------------------------------------------------------------
 # setup
@@ -63,22 +61,6 @@ def setup_distributed() -> tuple[int, int, torch.device]:
 def barrier(world: int) -> None:
     if world > 1:
         dist.barrier()
-
-
-def peak_flops(device: torch.device) -> Optional[float]:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-
-
-def flops_per_token(model: torch.nn.Module, seq_len: int, passes: int) -> float:
-    """6 N per token for the matmuls (forward + backward) plus the attention scores, times the
-    number of passes a token goes through (LRT: 1 + its refinement pass, all counted)."""
-    cfg = model.config
-    n = sum(p.numel() for name, p in model.named_parameters() if "embed_tokens" not in name)
-    attention = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len / 2
-    return (6 * n + attention) * passes
 
 
 def build_model(args, tokenizer, device: torch.device):
@@ -137,15 +119,34 @@ def wrap(model: torch.nn.Module, args: argparse.Namespace, world: int, device: t
 # one step
 # ---------------------------------------------------------------------------------------------
 
-def token_losses(model, inputs: torch.Tensor, targets: torch.Tensor, cu_seqlens: list) -> torch.Tensor:
-    """Next-token loss of every position [B, T]. Rows run as one packed sequence of documents
-    (batch size 1 with cu_seqlens), except LRT's, which run one row per sequence."""
+def is_ours(model) -> bool:
+    return getattr(optim.unwrap(model).config, "arch", None) in ARCHS
+
+
+def model_logits(model, inputs: torch.Tensor, cu_seqlens: list, packed: Optional[bool] = None) -> torch.Tensor:
+    """Logits [B, T, V] of rows of packed documents, each document seen on its own. Our models
+    (packed=None or True) run the rows as one packed sequence with cu_seqlens (LRT: one row per
+    sequence); any other causal LM (packed=False, a teacher) runs each document segment
+    separately, so no attention crosses a document boundary."""
     B, T = inputs.shape
-    if is_lrt(model):
-        logits = model(inputs).logits
-    else:
+    if packed is None:
+        packed = is_ours(model)
+    if packed:
+        if is_lrt(model):
+            return model(inputs).logits
         cu = data.pack_cu_seqlens(cu_seqlens, T).to(inputs.device)
-        logits = model(inputs.reshape(1, B * T), cu_seqlens=cu).logits.view(B, T, -1)
+        return model(inputs.reshape(1, B * T), cu_seqlens=cu).logits.view(B, T, -1)
+    rows = []
+    for b in range(B):
+        bounds = cu_seqlens[b].tolist()
+        rows.append(torch.cat([model(inputs[b:b + 1, s:e]).logits[0] for s, e in zip(bounds[:-1], bounds[1:]) if e > s]))
+    return torch.stack(rows)
+
+
+def token_losses(model, inputs: torch.Tensor, targets: torch.Tensor, cu_seqlens: list) -> torch.Tensor:
+    """Next-token loss of every position [B, T] (model_logits' rows)."""
+    B, T = inputs.shape
+    logits = model_logits(model, inputs, cu_seqlens)
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view(B, T)
 
 
@@ -159,11 +160,8 @@ def batch_loss(model, inputs: torch.Tensor, targets: torch.Tensor, cu_seqlens: l
 
 
 def is_lrt(model) -> bool:
-    return unwrap(model).config.arch == "lrt"
+    return optim.unwrap(model).config.arch == "lrt"
 
-
-def unwrap(model):
-    return model.module if hasattr(model, "module") else model
 
 
 @torch.no_grad()
@@ -216,7 +214,7 @@ def save(out: Path, model, tokenizer, optimizer, rows_iter, step: int, metrics_r
     weights, opt_state = full_states(model, optimizer)
     if not main_rank:
         return
-    model = unwrap(model)
+    model = optim.unwrap(model)
 
     def write_files(folder: Path) -> None:
         model.save_pretrained(folder, state_dict=weights)
@@ -304,14 +302,33 @@ def open_output(args: argparse.Namespace, main_rank: bool, world: int) -> tuple[
     return out, checkpoint.latest(out) if args.resume else None
 
 
-def start_run(args: argparse.Namespace):
-    """What every training command begins with: (rank, world, device, out folder, checkpoint to
-    resume or None, main rank?, train documents, validation documents); seeds torch."""
+@dataclass
+class Run:
+    """Where a training command runs and what it reads and writes: its rank among `world`
+    processes, its device, the output folder, the checkpoint it resumes from (None: a new run)
+    and the training and validation documents (none for commands with their own data)."""
+    rank: int
+    world: int
+    device: torch.device
+    out: Path
+    resume_from: Optional[Path]
+    train_docs: list[str] = field(default_factory=list)
+    val_docs: list[str] = field(default_factory=list)
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the process that writes metrics, plots and samples."""
+        return self.rank == 0
+
+
+def start_run(args: argparse.Namespace) -> Run:
+    """What pretrain and distill begin with: the distributed setup, the output folder (resume or
+    overwrite as the flags say) and the documents; seeds torch."""
     rank, world, device = setup_distributed()
     out, resume_from = open_output(args, rank == 0, world)
     torch.manual_seed(args.seed)
-    return (rank, world, device, out, resume_from, rank == 0,
-            data.load_documents(args.data, "train"), data.load_documents(args.data, "val"))
+    return Run(rank, world, device, out, resume_from, data.load_documents(args.data, "train"),
+               data.load_documents(args.data, "val"))
 
 
 def new_tokenizer(documents, vocab_size: int, world: int):
@@ -339,19 +356,20 @@ def resume_model(model, resume_from: Optional[Path]) -> Optional[dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-    rank, world, device, out, resume_from, main_rank, train_docs, val_docs = start_run(args)
-    if resume_from is not None or args.tokenizer:
-        tokenizer = data.load_tokenizer(str(resume_from or args.tokenizer))
+    job = start_run(args)
+    world, device = job.world, job.device
+    if job.resume_from is not None or args.tokenizer:
+        tokenizer = data.load_tokenizer(str(job.resume_from or args.tokenizer))
     else:
-        tokenizer = new_tokenizer(train_docs, args.vocab_size, world)
+        tokenizer = new_tokenizer(job.train_docs, args.vocab_size, world)
 
     model = build_model(args, tokenizer, device)
     plan_steps(args, model, world)
-    state = resume_model(model, resume_from)
+    state = resume_model(model, job.resume_from)
     net = wrap(model, args, world, device)
     optimizer = optim.build_optimizer(net, args.optimizer, args.lr)
-    rows_iter = data.PackedRows(train_docs, tokenizer, args.seq_len, rank=rank, world_size=world, seed=args.seed,
-                                mix_rows=args.mix_rows)
+    rows_iter = data.PackedRows(job.train_docs, tokenizer, args.seq_len, rank=job.rank, world_size=world,
+                                seed=args.seed, mix_rows=args.mix_rows)
     passes = 1 + (1 if model.config.arch == "lrt" else 0)  # LRT: pass 0 plus one refinement per token
     flops = flops_per_token(model, args.seq_len, passes)
     peak = peak_flops(device)
@@ -361,15 +379,14 @@ def run(args: argparse.Namespace) -> int:
         return batch_loss(net, inputs.to(device), targets.to(device), cu)
 
     def eval_fn(model) -> dict:
-        val_loss, val_bpb = evaluate(model, tokenizer, val_docs, args.seq_len, device, args.eval_batches,
+        val_loss, val_bpb = evaluate(model, tokenizer, job.val_docs, args.seq_len, device, args.eval_batches,
                                      args.batch_size)
         return {"val_loss": val_loss, "val_bpb": val_bpb}
 
     def mfu(tokens_per_s: float) -> Optional[float]:
         return None if peak is None else round(tokens_per_s * flops / (peak * world), 4)
 
-    return train_loop(args, net, optimizer, rows_iter, tokenizer, out, state, device, world, main_rank,
-                      loss_fn, eval_fn, mfu)
+    return train_loop(args, job, net, optimizer, rows_iter, tokenizer, state, loss_fn, eval_fn, mfu)
 
 
 def autocast(device: torch.device):
@@ -413,14 +430,14 @@ def plan_steps(args: argparse.Namespace, model, world: int) -> None:
         args.tokens = math.ceil(args.tokens_per_param * sum(p.numel() for p in model.parameters()))
 
 
-def train_loop(args, net, optimizer, rows_iter, tokenizer, out: Path, state: Optional[dict], device: torch.device,
-               world: int, main_rank: bool, loss_fn: Callable[[tuple], torch.Tensor],
-               eval_fn: Callable[[torch.nn.Module], dict],
+def train_loop(args, job: Run, net, optimizer, rows_iter, tokenizer, state: Optional[dict],
+               loss_fn: Callable[[tuple], torch.Tensor], eval_fn: Callable[[torch.nn.Module], dict],
                mfu: Optional[Callable[[float], Optional[float]]] = None) -> int:
     """The training loop of pretrain and distill: resume from `state`, then WSD-scheduled steps of
     loss_fn(rows_iter.batch(B)) with gradient accumulation and clipping; a metrics.jsonl row every
     log_every steps (eval_fn(model)'s validation metrics every eval_every, and MFU when `mfu` is
     given); atomic checkpoints; loss.png and a sample at the end."""
+    world, device, out, main_rank = job.world, job.device, job.out, job.main
     tokens_per_step = args.batch_size * args.grad_accum * args.seq_len * world
     total = args.max_steps if args.tokens is None else math.ceil(args.tokens / tokens_per_step)
     start, metrics_rows = 0, 0
@@ -457,7 +474,7 @@ def train_loop(args, net, optimizer, rows_iter, tokenizer, out: Path, state: Opt
             if mfu is not None:
                 row["mfu"] = postfix["mfu"] = mfu(tps)
             if done % args.eval_every == 0 or done == stop:
-                row.update(eval_fn(unwrap(net)))
+                row.update(eval_fn(optim.unwrap(net)))
             if main_rank:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
@@ -471,7 +488,7 @@ def train_loop(args, net, optimizer, rows_iter, tokenizer, out: Path, state: Opt
     if main_rank:
         plot_loss(metrics_path, out / "loss.png")
     if args.sample and stop == total:  # every rank generates (FSDP2 gathers), the main one prints
-        text = sample(unwrap(net), tokenizer, device, args.sample)
+        text = sample(optim.unwrap(net), tokenizer, device, args.sample)
         if main_rank:
             print(text)
     if world > 1:
@@ -480,32 +497,16 @@ def train_loop(args, net, optimizer, rows_iter, tokenizer, out: Path, state: Opt
 
 
 def progress(steps: range, show: bool, initial: int, total: int):
-    """A tqdm bar on rank 0 (plain iteration elsewhere, or without tqdm)."""
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return _Quiet(steps)
+    """A tqdm bar on rank 0 (plain iteration elsewhere)."""
+    from tqdm.auto import tqdm
+
     return tqdm(steps, initial=initial, total=total, disable=not show, unit="step")
-
-
-class _Quiet:
-    def __init__(self, steps):
-        self.steps = steps
-
-    def __iter__(self):
-        return iter(self.steps)
-
-    def set_postfix(self, **kwargs) -> None:
-        pass
 
 
 def plot_loss(metrics: Path, path: Path) -> None:
     """Training loss (and validation loss where measured) against step; skipped without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     if not rows:
@@ -519,9 +520,7 @@ def plot_loss(metrics: Path, path: Path) -> None:
     ax.set_ylabel("nats per token")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 @torch.no_grad()

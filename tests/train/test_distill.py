@@ -2,6 +2,7 @@
 equals the dense one when k = vocab, online and top-k runs lower the student's KL to a fixed
 random teacher on held-out rows, a vocabulary mismatch is refused, and sequence mode trains only
 on completion tokens."""
+import importlib.util
 import json
 
 import pytest
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 import hybrid_lm
-from hybrid_lm.train import data, distill
+from hybrid_lm.train import data, distill, losses, pretrain
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -43,22 +44,22 @@ def test_kd_loss_matches_naive(chunk):
     s = torch.randn(3, 5, 50, dtype=torch.float64).mul(3).requires_grad_()
     t = torch.randn(3, 5, 50, dtype=torch.float64).mul(3)
     for T in (1.0, 2.5):
-        got = distill.kd_loss(s, t, T, "kl", chunk_tokens=chunk)
+        got = losses.kd_loss(s, t, T, "kl", chunk_tokens=chunk)
         want = naive_kl(s, t, T)
         assert got.item() == pytest.approx(want.item(), rel=1e-5)
         g1, = torch.autograd.grad(got, s)
         g2, = torch.autograd.grad(want, s)
         assert torch.allclose(g1.double(), g2, atol=1e-6)
         for beta in (0.1, 0.5, 0.9):
-            assert distill.kd_loss(s, t, T, "jsd", beta, chunk_tokens=chunk).item() == pytest.approx(
+            assert losses.kd_loss(s, t, T, "jsd", beta, chunk_tokens=chunk).item() == pytest.approx(
                 naive_jsd(s, t, T, beta).item(), rel=1e-5)
     # the limits of the generalized JSD: forward KL at beta 0, reverse KL at beta 1
-    assert distill.kd_loss(s, t, 1.0, "jsd", 0.0, chunk_tokens=chunk).item() == pytest.approx(naive_kl(s, t, 1).item(), rel=1e-5)
-    assert distill.kd_loss(s, t, 1.0, "jsd", 1.0, chunk_tokens=chunk).item() == pytest.approx(naive_kl(t, s, 1).item(), rel=1e-5)
+    assert losses.kd_loss(s, t, 1.0, "jsd", 0.0, chunk_tokens=chunk).item() == pytest.approx(naive_kl(s, t, 1).item(), rel=1e-5)
+    assert losses.kd_loss(s, t, 1.0, "jsd", 1.0, chunk_tokens=chunk).item() == pytest.approx(naive_kl(t, s, 1).item(), rel=1e-5)
     # a mask averages over the kept tokens only
     mask = torch.zeros(3, 5, dtype=torch.bool)
     mask[1, 2:] = True
-    assert distill.kd_loss(s, t, 1.0, mask=mask, chunk_tokens=chunk).item() == pytest.approx(
+    assert losses.kd_loss(s, t, 1.0, mask=mask, chunk_tokens=chunk).item() == pytest.approx(
         naive_kl(s[1, 2:], t[1, 2:], 1).item(), rel=1e-5)
 
 
@@ -70,8 +71,8 @@ def test_sparse_kd_loss():
     for T in (1.0, 2.0):
         lp = F.log_softmax(t / T, -1)
         top = lp.topk(V, -1)  # k = V: the dense KL
-        got = distill.sparse_kd_loss(s, top.indices, top.values, T, chunk_tokens=5)
-        want = distill.kd_loss(s, t, T)
+        got = losses.sparse_kd_loss(s, top.indices, top.values, T, chunk_tokens=5)
+        want = losses.kd_loss(s, t, T)
         assert got.item() == pytest.approx(want.item(), rel=1e-4)
         g1, = torch.autograd.grad(got, s)
         g2, = torch.autograd.grad(want, s)
@@ -84,8 +85,8 @@ def test_sparse_kd_loss():
         p_k, q_k = top.values.exp(), log_q.gather(-1, top.indices).exp()
         p_o, q_o = 1 - p_k.sum(-1), 1 - q_k.sum(-1)
         want = ((p_k * (p_k.log() - q_k.log())).sum(-1) + p_o * (p_o.log() - q_o.log())).mean() * T * T
-        assert distill.sparse_kd_loss(s, top.indices, top.values, T).item() == pytest.approx(want.item(), rel=1e-4)
-        assert want.item() <= distill.kd_loss(s, t, T).item() + 1e-6  # a lower bound of the full KL
+        assert losses.sparse_kd_loss(s, top.indices, top.values, T).item() == pytest.approx(want.item(), rel=1e-4)
+        assert want.item() <= losses.kd_loss(s, t, T).item() + 1e-6  # a lower bound of the full KL
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,8 +148,8 @@ def test_packed_and_per_document_teacher_logits_agree(setup):
     rows = data.PackedRows(docs, tokenizer, 32, shuffle=False)
     inputs, _, cu = rows.batch(4)
     assert any(len(c) > 2 for c in cu)  # some row holds more than one document
-    packed = distill.model_logits(teacher, inputs, cu, packed=True)
-    separate = distill.model_logits(teacher, inputs, cu, packed=False)
+    packed = pretrain.model_logits(teacher, inputs, cu, packed=True)
+    separate = pretrain.model_logits(teacher, inputs, cu, packed=False)
     assert torch.allclose(packed, separate, atol=1e-4)
 
 
@@ -167,7 +168,7 @@ def test_topk_distillation_from_cache_lowers_kl(tmp_path, setup):
     teacher = distill.load_teacher(str(root / "teacher"), torch.device("cpu"))
     rows = distill.TopkRows(cache)
     inputs, _, cu, ids, lps = rows.batch(2)
-    lp = F.log_softmax(distill.model_logits(teacher, inputs, cu), -1)
+    lp = F.log_softmax(pretrain.model_logits(teacher, inputs, cu), -1)
     assert torch.allclose(lp.gather(-1, ids.long()), lps, atol=1e-4)
     before, after = val_kl(root / "student", root, tokenizer), val_kl(out, root, tokenizer)
     assert after < 0.7 * before, (before, after)
@@ -189,37 +190,56 @@ def test_vocabulary_mismatch_raises(tmp_path, setup):
     with pytest.raises(ValueError, match="vocabulary mismatch"):
         distill.check_vocab(other, student)
     with pytest.raises(ValueError, match="vocabularies must match"):
-        distill.kd_loss(torch.zeros(2, 10), torch.zeros(2, 12))
+        losses.kd_loss(torch.zeros(2, 10), torch.zeros(2, 12))
 
 
 def test_completion_mask():
     pairs = [([5, 6, 7], [8, 9, 0]), ([1, 2], [3]), ([4] * 10, [2, 2])]
     inputs, targets = distill.completion_rows(pairs, seq_len=6, pad_id=0)
-    I = distill.IGNORE
+    I = losses.IGNORE
     assert inputs.tolist() == [[5, 6, 7, 8, 9, 0], [1, 2, 0, 0, 0, 0], [4] * 6]
     assert targets.tolist() == [[I, I, 8, 9, 0, I], [I, 3, I, I, I, I], [I] * 6]
     # the loss counts the completion targets only
     logits = torch.randn(3, 6, 10, requires_grad=True)
-    loss = distill.ce_loss(logits, targets, chunk_tokens=4)
+    loss = losses.ce_loss(logits, targets, chunk_tokens=4)
     keep = targets != I
     assert loss.item() == pytest.approx(F.cross_entropy(logits[keep], targets[keep]).item(), rel=1e-5)
     g, = torch.autograd.grad(loss, logits)
     assert (g[~keep] == 0).all() and (g[keep] != 0).any()
 
 
-def test_sequence_distillation_runs(tmp_path, setup):
+@pytest.mark.parametrize("engine", ["transformers", pytest.param("vllm", marks=pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None, reason="vLLM is not installed"))])
+def test_sequence_distillation_runs(tmp_path, setup, engine):
+    """--mode sequence end to end, the teacher's completions generated by transformers or by
+    hybrid-lm's vLLM engine (the GPU default; here vLLM for the CPU): every completion is the
+    teacher's greedy continuation, and the student trains on them."""
     root, tokenizer = setup
+    teacher_dir = root / "teacher"
+    if engine == "vllm":  # vLLM's CPU attention takes head sizes of 32 and up: the tiny preset's, not 16
+        teacher_dir = tmp_path / "teacher32"
+        torch.manual_seed(123)
+        teacher32 = hybrid_lm.build(hybrid_lm.config("transformer", "tiny", num_hidden_layers=2,
+                                                     vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                                                     bos_token_id=tokenizer.eos_token_id,
+                                                     pad_token_id=tokenizer.eos_token_id))
+        with torch.no_grad():
+            teacher32.lm_head.weight.mul_(8.0)
+        teacher32.save_pretrained(teacher_dir)
+        tokenizer.save_pretrained(teacher_dir)
     out = tmp_path / "seq"
-    run("--teacher", root / "teacher", "--arch", "sambay", "--mode", "sequence", "--num-prompts", "6",
-        "--prompt-tokens", "8", "--gen-tokens", "12", "--max-steps", "10", "--eval-every", "10", "--out", out)
+    run("--teacher", teacher_dir, "--arch", "sambay", "--mode", "sequence", "--num-prompts", "6",
+        "--prompt-tokens", "8", "--gen-tokens", "12", "--max-steps", "10", "--eval-every", "10", "--out", out,
+        "--gen-engine", engine)
     pairs = [json.loads(line) for line in (out / "sequences.jsonl").read_text().splitlines()]
     assert len(pairs) == 6 and all(len(p["prompt"]) == 8 and 0 < len(p["completion"]) <= 12 for p in pairs)
-    # greedy completions are the teacher's own
-    teacher = distill.load_teacher(str(root / "teacher"), torch.device("cpu"))
-    p = pairs[0]
-    ids = torch.tensor([p["prompt"] + p["completion"]])
-    logits = teacher(ids).logits[0, len(p["prompt"]) - 1:-1]
-    assert logits.argmax(-1).tolist() == p["completion"]
+    teacher = distill.load_teacher(str(teacher_dir), torch.device("cpu"))
+    for p in pairs:  # greedy completions are the teacher's own, stopping at eos
+        ids = torch.tensor([p["prompt"] + p["completion"]])
+        with torch.no_grad():
+            logits = teacher(ids).logits[0, len(p["prompt"]) - 1:-1]
+        assert logits.argmax(-1).tolist() == p["completion"]
+        assert tokenizer.eos_token_id not in p["completion"][:-1]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["loss"] > rows[-1]["loss"]
     assert AutoModelForCausalLM.from_pretrained(out).config.arch == "sambay"
