@@ -1,4 +1,4 @@
-"""LRT: Latent Recurrent Transformer (arXiv 2605.26797) on the Transformer backbone.
+"""LRT: Latent Recurrent Transformer (https://arxiv.org/abs/2605.26797) on the Transformer backbone.
 
 The memory m_t of token t is the final normed hidden state (the LM head's input) of token t-1,
 m_0 = 0. Every layer l adds gamma_l * m to the residual stream before its block and mixes m into

@@ -1,4 +1,6 @@
-"""Samba and SambaY (SambaY-DA with differential attention), one family.
+"""Samba and SambaY (SambaY-DA with differential attention), one family. Papers: Samba,
+https://arxiv.org/abs/2406.07522; SambaY, https://arxiv.org/abs/2507.06607; Differential
+Transformer, https://arxiv.org/abs/2410.05258.
 
 Samba: Mamba and sliding-window attention alternate (even layers Mamba).
 SambaY with L layers (docs/models.md): layers 0..L/2-1 are a Samba self-decoder; layer L/2 is a Mamba

@@ -13,9 +13,10 @@ per step does not depend on the tokens.
 
 Default sweeps (each value overridable; --quick picks the test sweep on any device):
 
-  GPU    preset phi4-mini-flash (3.8B: the size of the paper's claim), prompt 2048, up to 32768
-         generated, batch 1 and 64, bf16. Eager decoding at that size takes minutes per row, so a
-         full sweep takes well over 10 minutes: pass --gen-len to fit a shorter slot.
+  GPU    preset phi4-mini-flash (3.8B: the size of the SambaY paper's claim,
+         https://arxiv.org/abs/2507.06607), prompt 2048, up to 32768 generated, batch 1 and 64,
+         bf16. Eager decoding at that size takes minutes per row, so a full sweep takes well over 10
+         minutes: pass --gen-len to fit a shorter slot.
   CPU    preset tiny, prompt 128, up to 512 generated, batch 1 and 8, fp32: a smoke run of the
          whole path in seconds; tiny models are bound by Python overhead, not by cache reads. On a
          busy machine torch's CPU threads wait on each other and step times swing tenfold (the meta

@@ -1,13 +1,13 @@
 """Training-step benchmark: `hybrid-lm bench train`, or `python -m hybrid_lm.bench.train`.
 
-Tokens/s, step time, peak memory and MFU of one training step (forward + backward + Muon step)
-for each architecture at one preset, in each of the --modes: eager; compiled (`model.compile()`
-in place, the default inductor backend, as `pretrain --compile`); checkpointed (activation
+Tokens/s, step time, peak memory and MFU of one training step (forward + backward + Muon step) for
+each architecture at one preset, in each of the --modes: eager; compiled (`model.compile()` in
+place, the default inductor backend, as `pretrain --compile`); checkpointed (activation
 checkpointing: `model.gradient_checkpointing_enable()`, each decoder layer recomputed in backward,
 as `pretrain --activation-checkpointing`); compiled+checkpointed (both). Ratios: each arch's step
-time over the Transformer's in the same mode (the paper puts LRT's at about 2x: every token runs
-a refinement pass after pass 0), compiled over eager step time, and checkpointed over eager step
-time and peak memory (whole, and above base_bytes: see below).
+time over the Transformer's in the same mode (the LRT paper, https://arxiv.org/abs/2605.26797, puts
+LRT's at about 2x: every token runs a refinement pass after pass 0), compiled over eager step time,
+and checkpointed over eager step time and peak memory (whole, and above base_bytes: see below).
 
 Each (arch, mode) runs in its own subprocess (this module with a hidden --one option, which
 prints the row as one JSON line), so that compiled code, allocator caches and, on a CPU, the

@@ -1,9 +1,9 @@
 """Gated Memory Unit core: `memory * silu(gate)`, fused forward and backward.
 
-SambaY's GMU layers gate the memory (the last self-decoder Mamba's scan output) with the
-layer's own projection. Elementwise, so the kernel is one pass over the flattened tensors in
-blocks of BLOCK elements: forward reads 2 and writes 1 value per element, backward reads 3 and
-writes 2.
+SambaY's (https://arxiv.org/abs/2507.06607) GMU layers gate the memory (the last self-decoder
+Mamba's scan output) with the layer's own projection. Elementwise, so the kernel is one pass over
+the flattened tensors in blocks of BLOCK elements: forward reads 2 and writes 1 value per element,
+backward reads 3 and writes 2.
 
 This module is the pattern every op follows: Triton kernels, torch.library custom ops with a
 fake (meta) implementation and registered autograd, and a validated public function that

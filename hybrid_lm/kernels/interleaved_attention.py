@@ -1,10 +1,10 @@
 """Interleaved attention: queries at arbitrary absolute positions against a full K,V buffer.
 
-LRT's interleaved training (see docs/kernels.md) refines a subset of positions per pass, e.g.
-every S-th position, while the keys and values of all positions sit in a buffer. Query i at
-position q_pos[i] sees key j iff j <= q_pos[i] and (window is None or q_pos[i] - j < window).
-A query that sees no key outputs zeros and gets zero gradient. Query head h reads KV head
-h // (H // Hkv) (GQA).
+LRT's interleaved training (https://arxiv.org/abs/2605.26797; docs/kernels.md) refines a subset of
+positions per pass, e.g. every S-th position, while the keys and values of all positions sit in a
+buffer. Query i at position q_pos[i] sees key j iff j <= q_pos[i] and
+(window is None or q_pos[i] - j < window). A query that sees no key outputs zeros and gets zero
+gradient. Query head h reads KV head h // (H // Hkv) (GQA).
 
 Design (flash-attention style, written for this layout; fp32 math throughout):
 

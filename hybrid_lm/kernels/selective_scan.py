@@ -1,4 +1,5 @@
-"""Mamba-1 selective scan: chunked forward and backward in Triton, and the one-token decode step.
+"""Mamba-1 selective scan (https://arxiv.org/abs/2312.00752): chunked forward and backward in
+Triton, and the one-token decode step.
 
 Per channel d and state index n, with an fp32 state h [Dm, N]:
 

@@ -46,8 +46,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     student_logits, teacher_logits: [..., V] (any float dtype; same shape). p = softmax(teacher /
     T), q = softmax(student / T).
       kind="kl":  forward KL(p || q).
-      kind="jsd": generalized JSD (GKD, Agarwal et al. 2024): with m = beta p + (1 - beta) q,
-                  beta KL(p || m) + (1 - beta) KL(q || m); beta = 0 gives KL(p || q) and
+      kind="jsd": generalized JSD (GKD, https://arxiv.org/abs/2306.13649): with
+                  m = beta p + (1 - beta) q, beta KL(p || m) + (1 - beta) KL(q || m); beta = 0 gives KL(p || q) and
                   beta = 1 gives KL(q || p) (the limits, up to scale, as in TRL).
     Computed chunk_tokens rows at a time in fp32 (see _chunked)."""
     if student_logits.shape != teacher_logits.shape:
