@@ -23,8 +23,8 @@ from transformers import AutoConfig
 import hybrid_lm
 
 from hybrid_lm.bench import rollout, vllm_engine
-from hybrid_lm.bench.common import (default_device, device_name, model_dtype, progress, pyplot, save_figure,
-                                    vllm_version)
+from hybrid_lm.bench.common import (default_device, device_name, model_dtype, progress, pyplot, read_jsonl,
+                                    save_figure, vllm_version)
 from hybrid_lm.cli import positive_int
 from hybrid_lm.train import checkpoint, pretrain
 
@@ -51,7 +51,7 @@ def train(arch: str, out: Path, steps: int) -> dict:
                           "--resume" if resume else "--overwrite"])
     if code:
         raise SystemExit(f"pretraining {arch} failed with exit code {code}")
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_jsonl(out / "metrics.jsonl")
     val = [r for r in rows if "val_bpb" in r][-1]
     return {"train_loss": rows[-1]["loss"], "val_loss": val["val_loss"], "val_bpb": val["val_bpb"],
             "loss_curve": [(r["step"], r["loss"]) for r in rows]}

@@ -38,7 +38,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from hybrid_lm.bench.common import pyplot, save_figure
+from hybrid_lm.bench.common import pyplot, read_jsonl, save_figure
 from hybrid_lm.cli import non_negative_float, non_negative_int, positive_float, positive_int
 from hybrid_lm.train import checkpoint
 
@@ -209,7 +209,7 @@ def metrics_callback(rollout: Rollout, path: Path):
 
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return read_jsonl(path) if path.is_file() else []
 
 
 def plot_curve(metrics_path: Path, png: Path, window: int = 5) -> None:

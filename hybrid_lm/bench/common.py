@@ -93,6 +93,11 @@ def run_meta(device: torch.device, packages: Sequence[str] = (), **fields) -> di
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv}
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSONL file, one per non-blank line."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 @contextmanager
 def jsonl_writer(stem: Path, meta: dict) -> Iterator[Callable[[dict], None]]:
     """<stem>.jsonl opened and its meta line written; yields write(record), one line per record,

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from hybrid_lm.archs.config import ARCHS
+from hybrid_lm.bench.common import read_jsonl
 from hybrid_lm.cli import module_main, non_negative_float, positive_float, positive_int, unit_float
 
 from . import data, optim, pretrain
@@ -267,8 +268,7 @@ def sequence_pairs(args, teacher, tokenizer, documents, out: Path, main_rank: bo
             tmp.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in zip(prompts, completions)))
             tmp.replace(path)
         pretrain.barrier(world)
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [(r["prompt"], r["completion"]) for r in rows]
+    return [(r["prompt"], r["completion"]) for r in read_jsonl(path)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from torch.distributed.tensor import DTensor
 
 import hybrid_lm
 from hybrid_lm.archs.config import ARCHS, PRESETS
-from hybrid_lm.bench.common import flops_per_token, peak_flops, pyplot, save_figure
+from hybrid_lm.bench.common import flops_per_token, peak_flops, pyplot, read_jsonl, save_figure
 from hybrid_lm.cli import module_main, non_negative_int, positive_float, positive_int
 
 from . import checkpoint, data, optim
@@ -508,7 +508,7 @@ def plot_loss(metrics: Path, path: Path) -> None:
     plt = pyplot()
     if plt is None:
         return
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(metrics)
     if not rows:
         return
     fig, ax = plt.subplots(figsize=(7, 4))
